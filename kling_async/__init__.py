@@ -1,0 +1,94 @@
+"""kling_async: an asyncio-native SDK for Kling text-to-video.
+
+::
+
+    import kling_async as ka
+
+    async with ka.KlingClient(api_key="sk-...") as kling:
+        task = await kling.text2video.create(ka.Text2VideoRequest(prompt="A cat surfing"))
+        task = await kling.text2video.wait(task.task_id, timeout=900)
+        print(task.video.url)
+
+The error tree is documented in :mod:`kling_async._errors`; the emulator for tests lives in
+:mod:`kling_async.testing`.
+"""
+
+from ._auth import BearerAuth, JWTAuth
+from ._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
+from ._errors import (
+    AccountError,
+    AmbiguousSubmissionError,
+    APIError,
+    AuthenticationError,
+    ConcurrencyLimitError,
+    InvalidRequestError,
+    KlingError,
+    PolicyError,
+    RateLimitError,
+    ResponseDecodeError,
+    ServerError,
+    TaskFailedError,
+    TaskNotFoundError,
+    ThrottledError,
+    TransportError,
+    ValidationError,
+    WaitTimeoutError,
+)
+from ._models import (
+    CameraConfig,
+    CameraControl,
+    CameraType,
+    Mode,
+    Task,
+    TaskStatus,
+    Text2VideoRequest,
+    Video,
+)
+from ._poll import PollPolicy
+from ._profiles import COMETAPI, KNOWN_MODELS, OFFICIAL, BackendProfile, UnknownModelWarning
+from ._retry import RetryPolicy
+from ._version import __version__
+
+__all__ = [
+    # client and settings
+    "KlingClient",
+    "BackendProfile",
+    "COMETAPI",
+    "COMETAPI_BASE_URL",
+    "KNOWN_MODELS",
+    "OFFICIAL",
+    "OFFICIAL_BASE_URL",
+    "PollPolicy",
+    "RetryPolicy",
+    "BearerAuth",
+    "JWTAuth",
+    # data
+    "CameraConfig",
+    "CameraControl",
+    "CameraType",
+    "Mode",
+    "Task",
+    "TaskStatus",
+    "Text2VideoRequest",
+    "Video",
+    # errors and warnings
+    "APIError",
+    "AccountError",
+    "AmbiguousSubmissionError",
+    "AuthenticationError",
+    "ConcurrencyLimitError",
+    "InvalidRequestError",
+    "KlingError",
+    "PolicyError",
+    "RateLimitError",
+    "ResponseDecodeError",
+    "ServerError",
+    "TaskFailedError",
+    "TaskNotFoundError",
+    "ThrottledError",
+    "TransportError",
+    "UnknownModelWarning",
+    "ValidationError",
+    "WaitTimeoutError",
+    "__version__",
+]

@@ -1,0 +1,148 @@
+"""Credentials: a CometAPI bearer key, or Kling's access key + secret key minted into JWTs.
+
+Both kinds keep their secrets out of ``repr`` and out of every message: the only place a key or
+token appears is the ``Authorization`` header this module hands to the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+import jwt
+
+from ._errors import KlingError
+
+__all__ = [
+    "ENV_ACCESS_KEY",
+    "ENV_API_KEY",
+    "ENV_BASE_URL",
+    "ENV_SECRET_KEY",
+    "Auth",
+    "BearerAuth",
+    "JWTAuth",
+    "auth_from",
+]
+
+ENV_API_KEY = "KLING_API_KEY"
+ENV_ACCESS_KEY = "KLING_ACCESS_KEY"
+ENV_SECRET_KEY = "KLING_SECRET_KEY"  # noqa: S105 (a variable name, not a secret)
+ENV_BASE_URL = "KLING_BASE_URL"
+
+
+class Auth(Protocol):
+    """Something that yields an ``Authorization`` header value."""
+
+    @property
+    def kind(self) -> str: ...
+
+    def header(self) -> str: ...
+
+    def invalidate(self) -> bool:
+        """Forget a cached credential after a 1003/1004; True if a retry may now succeed."""
+        ...
+
+
+@attrs.define(repr=False)
+class BearerAuth:
+    """A CometAPI key sent as ``Authorization: Bearer <key>``."""
+
+    _key: str
+
+    kind = "bearer"
+
+    def header(self) -> str:
+        return f"Bearer {self._key}"
+
+    def invalidate(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "BearerAuth(key=***)"
+
+
+@attrs.define(repr=False)
+class JWTAuth:
+    """Kling's official auth: an HS256 JWT ``{"iss": access_key, "exp", "nbf"}``.
+
+    Tokens live ``ttl`` seconds (1800, as Kling's docs do) and are re-minted ``refresh_margin``
+    seconds before they expire, so a long-lived client never sends a stale one; a 1004 answer
+    forces one early re-mint. ``clock`` returns Unix seconds and exists for tests.
+    """
+
+    _access_key: str
+    _secret_key: str
+    ttl: int = 1800
+    refresh_margin: int = 300
+    clock: Callable[[], float] = time.time
+    _token: str | None = attrs.field(default=None, init=False)
+    _expires_at: float = attrs.field(default=0.0, init=False)
+
+    kind = "jwt"
+
+    def _mint(self) -> str:
+        now = int(self.clock())
+        exp = now + self.ttl
+        token = jwt.encode(
+            {"iss": self._access_key, "exp": exp, "nbf": now - 5},
+            self._secret_key,
+            algorithm="HS256",
+            headers={"typ": "JWT"},
+        )
+        self._token, self._expires_at = token, float(exp)
+        return token
+
+    def header(self) -> str:
+        token = self._token
+        if token is None or self.clock() >= self._expires_at - self.refresh_margin:
+            token = self._mint()
+        return f"Bearer {token}"
+
+    def invalidate(self) -> bool:
+        self._token = None
+        return True
+
+    def __repr__(self) -> str:
+        return "JWTAuth(access_key=***, secret_key=***)"
+
+
+def auth_from(
+    *,
+    api_key: str | None,
+    access_key: str | None,
+    secret_key: str | None,
+    jwt_clock: Callable[[], float] | None = None,
+) -> BearerAuth | JWTAuth:
+    """Pick the auth mode from explicit arguments, else from the documented variables.
+
+    Explicit arguments win over the environment; giving both modes at once is an error,
+    because which account would be billed must never be a guess.
+    """
+    if api_key is None and access_key is None and secret_key is None:
+        api_key = os.environ.get(ENV_API_KEY) or None
+        if api_key is None:
+            access_key = os.environ.get(ENV_ACCESS_KEY) or None
+            secret_key = os.environ.get(ENV_SECRET_KEY) or None
+    if api_key is not None and (access_key is not None or secret_key is not None):
+        raise KlingError("give either api_key (CometAPI) or access_key + secret_key, not both")
+    if api_key is not None:
+        if not isinstance(api_key, str) or not api_key.strip():
+            raise KlingError("api_key is empty")
+        return BearerAuth(api_key.strip())
+    if access_key is not None or secret_key is not None:
+        if not access_key or not secret_key:
+            missing = "secret_key" if access_key else "access_key"
+            raise KlingError(
+                f"{missing} is missing: the official API needs both access_key and secret_key "
+                f"(or {ENV_ACCESS_KEY} and {ENV_SECRET_KEY})"
+            )
+        if jwt_clock is None:
+            return JWTAuth(access_key, secret_key)
+        return JWTAuth(access_key, secret_key, clock=jwt_clock)
+    raise KlingError(
+        f"no credentials: pass api_key=... (CometAPI) or access_key=... and secret_key=... "
+        f"(Kling), or set {ENV_API_KEY}, or {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}"
+    )

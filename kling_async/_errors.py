@@ -1,0 +1,314 @@
+"""The exception tree, and the table that maps Kling's error codes onto it.
+
+Everything the SDK raises on purpose is a :class:`KlingError`::
+
+    KlingError
+    ├── ValidationError            bad input, raised before any network call (also a ValueError)
+    ├── APIError                   the server answered with an error code
+    │   ├── AuthenticationError        1000-1004, a gateway 401: check the key
+    │   ├── AccountError               1100-1103, 1304: fatal for the account, never retried
+    │   ├── InvalidRequestError        1200-1203: the request itself is wrong
+    │   │   └── TaskNotFoundError          no such task (1201/1203/task_not_exist on a query)
+    │   ├── PolicyError                1300, 1301: refused by content policy
+    │   ├── ThrottledError             429s that mean "later", not "never"
+    │   │   ├── RateLimitError             1302: requests too fast
+    │   │   └── ConcurrencyLimitError      1303: too many tasks running for the account
+    │   └── ServerError                5000-5002 and other 5xx
+    ├── TransportError             no usable HTTP answer (connect failed, timeout, dropped)
+    ├── ResponseDecodeError        an answer that is not the JSON envelope (HTML, empty, truncated)
+    ├── TaskFailedError            the task ran and ended "failed" (carries the task)
+    ├── WaitTimeoutError           a wait ran out of time (also a TimeoutError)
+    └── AmbiguousSubmissionError   a create may or may not have happened (carries external_task_id)
+
+Exceptions carry the request context (HTTP status, request id, code) so that a log line is
+enough to ask Kling's support about it, and never a key, secret or token.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._models import Task
+
+__all__ = [
+    "APIError",
+    "AccountError",
+    "AmbiguousSubmissionError",
+    "AuthenticationError",
+    "ConcurrencyLimitError",
+    "InvalidRequestError",
+    "KlingError",
+    "PolicyError",
+    "RateLimitError",
+    "ResponseDecodeError",
+    "ServerError",
+    "TaskFailedError",
+    "TaskNotFoundError",
+    "ThrottledError",
+    "TransportError",
+    "ValidationError",
+    "WaitTimeoutError",
+    "api_error_class",
+    "short_repr",
+]
+
+_SNIPPET = 200
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """repr() cut to `limit` characters, so one huge prompt does not flood a log line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def snippet(body: bytes | str, limit: int = _SNIPPET) -> str:
+    """The start of a response body, decoded leniently, for error messages."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class KlingError(Exception):
+    """Base of every error this SDK raises on purpose."""
+
+
+class ValidationError(KlingError, ValueError):
+    """A request value breaks a rule; raised before anything is sent.
+
+    ``field`` is the dotted field name (``camera_control.config.zoom``), ``value`` the offending
+    value and ``rule`` the rule it breaks, in words.
+    """
+
+    def __init__(self, field: str, value: object, rule: str) -> None:
+        self.field = field
+        self.value = value
+        self.rule = rule
+        super().__init__(f"{field}={short_repr(value)} is invalid: {rule}")
+
+
+class APIError(KlingError):
+    """The server answered with an error code.
+
+    ``code`` is Kling's integer code (or a gateway's string code such as ``"model_not_found"``),
+    ``http_status`` the HTTP status and ``request_id`` the id to quote to support (may be None:
+    CometAPI does not always send one).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | str | None,
+        http_status: int,
+        request_id: str | None = None,
+        body: str = "",
+    ) -> None:
+        self.message = message
+        self.code = code
+        self.http_status = http_status
+        self.request_id = request_id
+        self.body = body
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        parts = [f"HTTP {self.http_status}"]
+        if self.code is not None:
+            parts.append(f"code {self.code}")
+        if self.request_id:
+            parts.append(f"request_id {self.request_id}")
+        hint = self.hint()
+        text = f"{self.message or 'no message'} ({', '.join(parts)})"
+        return f"{text}: {hint}" if hint else text
+
+    def hint(self) -> str:
+        """What the caller can do about it, in one phrase."""
+        return ""
+
+
+class AuthenticationError(APIError):
+    def hint(self) -> str:
+        return "check the API key, or the access key and secret key, and the base URL"
+
+
+class AccountError(APIError):
+    """Fatal for the whole account (arrears, no resource pack, no permission, IP whitelist).
+
+    Retrying cannot help, even though Kling sends some of these as HTTP 429.
+    """
+
+    def hint(self) -> str:
+        return "the account cannot create tasks now; fix it in the Kling or CometAPI console"
+
+
+class InvalidRequestError(APIError):
+    def hint(self) -> str:
+        return "the server rejected the request; see the message for the field"
+
+
+class TaskNotFoundError(InvalidRequestError):
+    """No task with that id (task id or external_task_id) exists for this account."""
+
+    def hint(self) -> str:
+        return "no task with that id exists for this account"
+
+
+class PolicyError(APIError):
+    """The prompt or output was refused by the platform's content policy."""
+
+    def hint(self) -> str:
+        return "the content was refused by policy; change the prompt"
+
+
+class ThrottledError(APIError):
+    """A 429 that means "later": the SDK retries these itself within its budget.
+
+    ``retry_after`` is the server's Retry-After in seconds, if it sent one.
+    """
+
+    retry_after: float | None = None
+
+
+class RateLimitError(ThrottledError):
+    def hint(self) -> str:
+        return "too many requests per second; lower max_requests_per_second"
+
+
+class ConcurrencyLimitError(ThrottledError):
+    def hint(self) -> str:
+        return "too many tasks running for the account; wait for one to finish"
+
+
+class ServerError(APIError):
+    def hint(self) -> str:
+        return "the server failed; retrying later usually helps"
+
+
+class TransportError(KlingError):
+    """No usable HTTP answer: connect failure, timeout or a dropped connection.
+
+    ``request_sent`` is False only when the request provably never left (connect refused, DNS,
+    connect timeout): only then is re-sending a create safe without a lookup.
+    """
+
+    def __init__(self, message: str, *, request_sent: bool) -> None:
+        self.request_sent = request_sent
+        super().__init__(message)
+
+
+class ResponseDecodeError(KlingError):
+    """The server answered, but not with the JSON envelope (HTML, empty, truncated, wrong shape)."""
+
+    def __init__(
+        self, message: str, *, http_status: int, body: str = "", request_id: str | None = None
+    ) -> None:
+        self.http_status = http_status
+        self.body = body
+        self.request_id = request_id
+        detail = (
+            f" (HTTP {http_status}; body starts: {body!r})" if body else f" (HTTP {http_status})"
+        )
+        super().__init__(message + detail)
+
+
+class TaskFailedError(KlingError):
+    """The task ran and ended ``failed``; ``task`` is its final snapshot."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        reason = task.status_message or "no reason given"
+        super().__init__(f"task {task.task_id} failed: {reason}")
+
+
+class WaitTimeoutError(KlingError, TimeoutError):
+    """A wait ran out of time before the task ended; the task goes on server-side.
+
+    ``task`` is the last snapshot seen (None if none was fetched).
+    """
+
+    def __init__(self, task_id: str, timeout: float, task: Task | None = None) -> None:
+        self.task_id = task_id
+        self.timeout = timeout
+        self.task = task
+        last = f"; last status {task.status.value}" if task is not None else ""
+        super().__init__(
+            f"task {task_id} did not end within {timeout:g} s{last}; it is still running "
+            "server-side: wait again or track it later"
+        )
+
+
+class AmbiguousSubmissionError(KlingError):
+    """A create may or may not have created a task, and the SDK could not find out.
+
+    Resubmitting blindly could bill the clip twice; query ``external_task_id`` later instead.
+    """
+
+    def __init__(self, external_task_id: str, cause: BaseException | None = None) -> None:
+        self.external_task_id = external_task_id
+        self.cause = cause
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        super().__init__(
+            f"the create for external_task_id={external_task_id!r} may or may not have reached "
+            f"the server{why}; look it up by external_task_id before resubmitting"
+        )
+
+
+# --- code table (protocol section 4) -------------------------------------------------------
+
+_CODE_CLASSES: dict[int, type[APIError]] = {
+    **dict.fromkeys((1000, 1001, 1002, 1003, 1004), AuthenticationError),
+    **dict.fromkeys((1100, 1101, 1102, 1103, 1304), AccountError),
+    **dict.fromkeys((1200, 1201, 1202, 1203), InvalidRequestError),
+    **dict.fromkeys((1300, 1301), PolicyError),
+    1302: RateLimitError,
+    1303: ConcurrencyLimitError,
+    **dict.fromkeys((5000, 5001, 5002), ServerError),
+}
+
+#: Codes that mean "this task does not exist" when answering a single-task query.
+NOT_FOUND_CODES: frozenset[int | str] = frozenset({1201, 1203, "task_not_exist"})
+
+_GATEWAY_CODES: dict[str, type[APIError]] = {
+    "model_not_found": InvalidRequestError,
+    "task_not_exist": TaskNotFoundError,
+    "invalid_request": InvalidRequestError,
+    "rate_limit_exceeded": RateLimitError,
+    "insufficient_quota": AccountError,
+    "invalid_api_key": AuthenticationError,
+}
+
+
+def _class_for_status(http_status: int) -> type[APIError]:
+    if http_status == 401:
+        return AuthenticationError
+    if http_status == 403:
+        return AccountError
+    if http_status == 429:
+        return RateLimitError
+    if http_status >= 500:
+        return ServerError
+    if 400 <= http_status < 500:
+        return InvalidRequestError
+    return APIError
+
+
+def api_error_class(code: Any, http_status: int, *, query: bool = False) -> type[APIError]:
+    """The exception class for a code and HTTP status.
+
+    ``query`` marks a single-task query, where the "not found" codes mean
+    :class:`TaskNotFoundError` (protocol 1.1: servers disagree on which code they use).
+    """
+    if query and code in NOT_FOUND_CODES:
+        return TaskNotFoundError
+    if isinstance(code, int) and not isinstance(code, bool) and code in _CODE_CLASSES:
+        return _CODE_CLASSES[code]
+    if isinstance(code, str) and code in _GATEWAY_CODES:
+        gateway_cls = _GATEWAY_CODES[code]
+        if gateway_cls is TaskNotFoundError and not query:
+            return InvalidRequestError
+        if gateway_cls is InvalidRequestError and http_status >= 500 and code != "model_not_found":
+            # CometAPI has answered missing fields with HTTP 500 invalid_request, and upstream
+            # failures with the same envelope: a 5xx stays a server-side failure to us.
+            return ServerError
+        return gateway_cls
+    return _class_for_status(http_status)
