@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Protocol
 
@@ -86,12 +87,15 @@ class JWTAuth:
     def _mint(self) -> str:
         now = int(self.clock())
         exp = now + self.ttl
-        token = jwt.encode(
-            {"iss": self._access_key, "exp": exp, "nbf": now - 5},
-            self._secret_key,
-            algorithm="HS256",
-            headers={"typ": "JWT"},
-        )
+        with warnings.catch_warnings():
+            # The secret's length is Kling's choice, not the user's: do not warn on every mint.
+            warnings.filterwarnings("ignore", message=".*HMAC key", category=UserWarning)
+            token = jwt.encode(
+                {"iss": self._access_key, "exp": exp, "nbf": now - 5},
+                self._secret_key,
+                algorithm="HS256",
+                headers={"typ": "JWT"},
+            )
         self._token, self._expires_at = token, float(exp)
         return token
 

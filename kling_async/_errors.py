@@ -298,9 +298,11 @@ def api_error_class(code: Any, http_status: int, *, query: bool = False) -> type
     ``query`` marks a single-task query, where the "not found" codes mean
     :class:`TaskNotFoundError` (protocol 1.1: servers disagree on which code they use).
     """
+    if not isinstance(code, int | str) or isinstance(code, bool):
+        return _class_for_status(http_status)
     if query and code in NOT_FOUND_CODES:
         return TaskNotFoundError
-    if isinstance(code, int) and not isinstance(code, bool) and code in _CODE_CLASSES:
+    if isinstance(code, int) and code in _CODE_CLASSES:
         return _CODE_CLASSES[code]
     if isinstance(code, str) and code in _GATEWAY_CODES:
         gateway_cls = _GATEWAY_CODES[code]
