@@ -52,12 +52,14 @@ class Api:
         *,
         retry: RetryPolicy,
         before_request: Callable[[], Awaitable[None]] | None = None,
+        on_rate_limited: Callable[[float | None], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.transport = transport
         self.auth = auth
         self.retry = retry
         self._before_request = before_request
+        self._on_rate_limited = on_rate_limited
         self.rng = rng or random.Random()
 
     async def send_once(
@@ -93,6 +95,9 @@ class Api:
                 raise
             except ThrottledError as exc:
                 exc.retry_after = response.retry_after
+                if isinstance(exc, RateLimitError) and self._on_rate_limited is not None:
+                    # 1302 is about the account's request rate: slow every caller down at once.
+                    self._on_rate_limited(response.retry_after)
                 raise
 
     async def _send(

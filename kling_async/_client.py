@@ -3,26 +3,61 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Self
 
+import anyio
+import anyio.abc
+import attrs
+
 from ._api import Api
 from ._auth import ENV_BASE_URL, auth_from
+from ._budget import RequestBudget
 from ._create import CreateSettings
 from ._errors import KlingError, ValidationError
 from ._http import HttpTransport, Timeouts
+from ._jobs import EventHub, Job, JobEvent, as_completed
+from ._models import Task, Text2VideoRequest
 from ._poll import PollPolicy
+from ._pollers import PollerPool
 from ._profiles import COMETAPI, OFFICIAL, BackendProfile, ExternalIdLookup
 from ._resources import Text2VideoResource
 from ._retry import RetryPolicy
+from ._submit import AdaptiveLimit, Submitter
 
-__all__ = ["COMETAPI_BASE_URL", "OFFICIAL_BASE_URL", "KlingClient"]
+__all__ = ["COMETAPI_BASE_URL", "OFFICIAL_BASE_URL", "ClientStats", "KlingClient"]
 
 COMETAPI_BASE_URL = "https://api.cometapi.com/kling"
 OFFICIAL_BASE_URL = "https://api-singapore.klingai.com"
 
 _TEXT2VIDEO_PATH = "/v1/videos/text2video"
 _LOOKUP_FORMS = ("query", "path", "path_flag")
+
+
+@attrs.frozen(kw_only=True)
+class ClientStats:
+    """Counters of one client's life, for dashboards and benchmarks."""
+
+    requests: int  # every HTTP request sent (creates, polls, lookups, list sweeps, retries)
+    polls: int  # single-task polls by the poller pool
+    sweeps: int  # list sweeps by the poller pool
+    submitted: int  # tasks created by the submitter
+    concurrency_limited: int  # 1303 answers the submitter met
+    queued: int  # jobs waiting to be submitted
+    active: int  # Kling slots held: creates in flight and tasks not yet ended
+    active_limit: float  # the slot limit as learned so far (inf while unknown)
+    peak_active: int
+    following: int  # tasks the pollers follow
+
+
+def _check_count(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValidationError(name, value, "must be a whole number >= 1")
 
 
 class KlingClient:
@@ -37,6 +72,14 @@ class KlingClient:
     ``profile=`` overrides it. ``timeout`` bounds each read of an answer and ``connect_timeout``
     each connect, in seconds. ``settle_window`` is how long an ambiguous create keeps looking
     for its task before re-sending.
+
+    Many jobs: :meth:`submit` queues a job behind the account's limits. ``max_active_tasks``
+    caps Kling slots held at once (None: unknown, learned from 1303 answers; a lower real limit
+    is learned too); ``max_concurrent_submits`` caps create POSTs in flight;
+    ``max_requests_per_second`` caps every request of the client (polls and creates share it);
+    ``poll`` shapes polling and ``pollers`` is the number of poller coroutines. ``list_sweep``
+    lets one list request stand in for many polls where the backend has the list endpoint
+    (default: on where the profile says it has one, so off for CometAPI).
     """
 
     def __init__(
@@ -54,6 +97,11 @@ class KlingClient:
         settle_window: float = 5.0,
         external_id_lookup: ExternalIdLookup | None = "query",
         max_connections: int = 100,
+        max_active_tasks: int | None = None,
+        max_concurrent_submits: int = 4,
+        max_requests_per_second: float | None = 20.0,
+        pollers: int = 4,
+        list_sweep: bool | None = None,
     ) -> None:
         self._auth = auth_from(api_key=api_key, access_key=access_key, secret_key=secret_key)
         default_profile = COMETAPI if self._auth.kind == "bearer" else OFFICIAL
@@ -86,7 +134,14 @@ class KlingClient:
             timeouts=Timeouts(connect=connect_timeout, read=timeout),
             max_connections=max_connections,
         )
-        self._api = Api(self._transport, self._auth, retry=self.retry)
+        self._budget = RequestBudget(max_requests_per_second)
+        self._api = Api(
+            self._transport,
+            self._auth,
+            retry=self.retry,
+            before_request=self._budget.acquire,
+            on_rate_limited=self._rate_limited,
+        )
         lookup = external_id_lookup if self.profile.external_id_lookup is not None else None
         self.text2video = Text2VideoResource(
             self._api,
@@ -96,13 +151,44 @@ class KlingClient:
             poll=self.poll,
             external_id_lookup=lookup,
         )
+        self._hub = EventHub()
+        self._limit = AdaptiveLimit(max_active_tasks)
+        self._submitter = Submitter(
+            self.text2video,
+            self._limit,
+            self._budget,
+            retry=self.retry,
+            settle_window=settle_window,
+            on_submitted=self._submitted,
+        )
+        self._pool = PollerPool(
+            self.text2video,
+            self.poll,
+            on_end=self._ended,
+            list_sweep=self.profile.supports_list if list_sweep is None else list_sweep,
+        )
+        self._workers = (max_concurrent_submits, pollers)
+        self._stack: AsyncExitStack | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
         self._entered = False
+
+    # --- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         if self._entered:
             raise KlingError("a KlingClient can be entered once; make a new one")
         self._entered = True
-        await self._transport.open()
+        async with AsyncExitStack() as stack:
+            await self._transport.open()
+            stack.push_async_callback(self._transport.aclose)
+            stack.callback(self._hub.close)
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            submitters, pollers = self._workers
+            for _ in range(submitters):
+                self._task_group.start_soon(self._submitter.run, name="kling-submitter")
+            for _ in range(pollers):
+                self._task_group.start_soon(self._pool.run, name="kling-poller")
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -114,8 +200,112 @@ class KlingClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the session. Safe to call more than once."""
-        await self._transport.aclose()
+        """Stop all background work, end every iterator and close the session.
+
+        Jobs keep their ``task_id``: tasks go on server-side and can be followed again with
+        :meth:`track` by a new client. Safe to call more than once.
+        """
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+        self._task_group = None
+        await stack.aclose()
+
+    def _running(self) -> None:
+        if self._stack is None:
+            raise KlingError(
+                "the client is not running: use it inside `async with KlingClient(...) as kling`"
+            )
+
+    # --- many jobs --------------------------------------------------------------------------
+
+    def submit(self, request: Text2VideoRequest) -> Job:
+        """Queue one text-to-video job behind the client's limits and return it at once.
+
+        The request is validated now (a :class:`ValidationError` is raised here, before any
+        network call) and given an ``external_task_id`` if it has none.
+        """
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: Iterable[Text2VideoRequest]) -> list[Job]:
+        """Queue many jobs; all are validated before any is queued."""
+        self._running()
+        prepared = [self.text2video.prepare(request) for request in requests]
+        jobs = []
+        for request in prepared:
+            job = Job(
+                self._hub,
+                request=request,
+                external_task_id=request.external_task_id,
+                class_key=(
+                    request.effective_model,
+                    request.effective_mode,
+                    request.effective_duration,
+                ),
+            )
+            self._submitter.enqueue(job)
+            jobs.append(job)
+        return jobs
+
+    def track(self, task_id: str) -> Job:
+        """A job following a task created elsewhere or earlier (for example before a restart).
+
+        Tracking the same task twice gives the same job. A tracked task counts against
+        ``max_active_tasks`` until it ends, since it holds one of the account's slots.
+        """
+        self._running()
+        if not isinstance(task_id, str) or not task_id:
+            raise ValidationError("task_id", task_id, "must be a non-empty string")
+        existing = self._pool.following.get(task_id)
+        if existing is not None:
+            return existing
+        job = Job(self._hub, task_id=task_id)
+        job.started_at = time.monotonic()
+        self._limit.hold()
+        self._pool.follow(job, poll_now=True)
+        return job
+
+    def as_completed(self, jobs: Iterable[Job]) -> AsyncIterator[Job]:
+        """Yield the jobs as they end (succeeded, failed or errored), first finished first."""
+        return as_completed(self._hub, jobs)
+
+    def events(self) -> AsyncIterator[JobEvent]:
+        """Every status change of every job from now on, until the client closes."""
+        return self._hub.events()
+
+    @property
+    def stats(self) -> ClientStats:
+        return ClientStats(
+            requests=self._budget.requests,
+            polls=self._pool.polls,
+            sweeps=self._pool.sweeps,
+            submitted=self._submitter.stats.submitted,
+            concurrency_limited=self._limit.throttled,
+            queued=self._submitter.queued,
+            active=self._limit.active,
+            active_limit=self._limit.limit,
+            peak_active=self._limit.peak_active,
+            following=len(self._pool.following),
+        )
+
+    # --- engine callbacks -------------------------------------------------------------------
+
+    def _submitted(self, job: Job, task: Task, sent_at: float) -> None:
+        job.started_at = sent_at
+        job.measured = True
+        job._observe(task)
+        if job.done:
+            self._ended(job)
+        else:
+            self._pool.follow(job)
+
+    def _ended(self, job: Job) -> None:
+        self._limit.release()
+
+    def _rate_limited(self, retry_after: float | None) -> None:
+        self._budget.pause(self.retry.delay(1, retry_after=retry_after, throttled=True))
 
     def __repr__(self) -> str:
         return (

@@ -21,13 +21,16 @@ def _positive(_inst: object, attribute: attrs.Attribute[float], value: float) ->
 
 @attrs.frozen(kw_only=True)
 class PollPolicy:
-    """Bounds for polling one task, in seconds.
+    """How to poll tasks, in seconds.
 
     ``min_interval`` and ``max_interval`` bound the gap between two polls of one task;
-    ``initial_estimate`` is the duration assumed for a task of a kind never seen yet. The
-    defaults suit real Kling, where tasks take minutes; against a time-scaled emulator, scale
-    all three by the emulator's ``time_scale``. ``jitter`` is the +/- fraction applied to each
-    gap so that tasks submitted together do not poll in lockstep.
+    ``initial_estimate`` is the duration assumed for a class of task (model, mode, clip length)
+    never seen yet. The client learns each class's durations and polls where completions are
+    likely (:mod:`._schedule`); ``lag_per_poll`` sets the trade: one more poll is spent only
+    where it cuts the expected detection lag by more than that many seconds (default
+    ``min_interval / 6``). The defaults suit real Kling, where tasks take minutes; against a
+    time-scaled emulator, scale every value by the emulator's ``time_scale``. ``jitter`` is the
+    +/- fraction applied to each gap so tasks submitted together do not poll in lockstep.
     """
 
     min_interval: float = attrs.field(default=2.0, validator=_positive)
@@ -36,6 +39,23 @@ class PollPolicy:
     jitter: float = attrs.field(
         default=0.1, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)]
     )
+    lag_per_poll: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive)
+    )
+
+    @property
+    def effective_lag_per_poll(self) -> float:
+        return self.lag_per_poll if self.lag_per_poll is not None else self.min_interval / 6
+
+    def scaled(self, factor: float) -> PollPolicy:
+        """The same policy with every duration multiplied by ``factor`` (for scaled clocks)."""
+        return attrs.evolve(
+            self,
+            min_interval=self.min_interval * factor,
+            max_interval=self.max_interval * factor,
+            initial_estimate=self.initial_estimate * factor,
+            lag_per_poll=self.effective_lag_per_poll * factor,
+        )
 
     def __attrs_post_init__(self) -> None:
         if self.max_interval < self.min_interval:

@@ -64,10 +64,20 @@ class TaskResource:
     def path(self) -> str:
         return self._path
 
-    async def _create(self, request: Text2VideoRequest, settings: CreateSettings) -> Task:
+    def prepare(self, request: Text2VideoRequest) -> Text2VideoRequest:
+        """Check ``request`` against the backend profile and give it an ``external_task_id``.
+
+        Everything that can be wrong with a request fails here, before any network call.
+        """
+        if not isinstance(request, Text2VideoRequest):
+            raise ValidationError("request", request, "must be a Text2VideoRequest")
         self._profile.validate(request)
         if request.external_task_id is None:
             request = attrs.evolve(request, external_task_id=new_external_task_id())
+        return request
+
+    async def create_prepared(self, request: Text2VideoRequest, settings: CreateSettings) -> Task:
+        """Create the task for a request that went through :meth:`prepare`."""
         external_task_id = request.external_task_id
         assert external_task_id is not None
         return await create_task(
@@ -195,6 +205,4 @@ class Text2VideoResource(TaskResource):
         Validates against the backend profile first, gives the request an
         ``external_task_id`` if it has none, and never creates two tasks for one call.
         """
-        if not isinstance(request, Text2VideoRequest):
-            raise ValidationError("request", request, "must be a Text2VideoRequest")
-        return await self._create(request, self._create_settings)
+        return await self.create_prepared(self.prepare(request), self._create_settings)

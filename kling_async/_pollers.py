@@ -1,0 +1,216 @@
+"""The poller pool: a few coroutines serving one schedule for every task the client follows.
+
+One heap keyed by next poll time replaces a sleeping coroutine per task, so following 100,000
+tasks costs a heap entry each, not a task each. A task's next poll comes from its class's
+:class:`~._schedule.DurationModel`, which learns from every task of the class that ends.
+Where the backend has the list endpoint and many tasks are active, one list sweep (500 tasks a
+page) can stand in for hundreds of single GETs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+
+import anyio
+
+from ._errors import AccountError, AuthenticationError, KlingError, TaskNotFoundError
+from ._jobs import Job
+from ._models import Task
+from ._poll import PollPolicy
+from ._resources import TaskResource
+from ._schedule import ClassKey, DurationModel
+
+__all__ = ["PollerPool"]
+
+log = logging.getLogger("kling_async")
+
+_PAGE_SIZE = 500
+#: A task reported missing this many times in a row is given up (fresh tasks may lag the index).
+_MISSES_ALLOWED = 3
+
+
+class PollerPool:
+    """Follows jobs that have a ``task_id`` until they end; see the module docstring."""
+
+    def __init__(
+        self,
+        resource: TaskResource,
+        policy: PollPolicy,
+        *,
+        on_end: Callable[[Job], None],
+        list_sweep: bool = False,
+        sweep_threshold: int = 20,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._resource = resource
+        self.policy = policy
+        self._on_end = on_end
+        self._list_sweep = list_sweep
+        self._sweep_threshold = sweep_threshold
+        self._rng = rng or random.Random()
+        self._heap: list[tuple[float, int, int, Job]] = []
+        self._seq = itertools.count()
+        self._wakeup = anyio.Event()
+        self._models: dict[ClassKey, DurationModel] = {}
+        self._misses: dict[Job, int] = {}
+        self._sweeping: anyio.Event | None = None
+        self._last_sweep = -math.inf
+        #: task_id -> job, for every job being followed.
+        self.following: dict[str, Job] = {}
+        self.polls = 0
+        self.sweeps = 0
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    def model(self, key: ClassKey) -> DurationModel:
+        model = self._models.get(key)
+        if model is None:
+            policy = self.policy
+            model = self._models[key] = DurationModel(
+                prior_median=policy.initial_estimate,
+                lag_per_poll=policy.effective_lag_per_poll,
+                min_interval=policy.min_interval,
+                max_interval=policy.max_interval,
+            )
+        return model
+
+    def follow(self, job: Job, *, poll_now: bool = False) -> None:
+        """Start following ``job`` (which has a task_id and ``started_at``)."""
+        assert job.task_id is not None
+        self.following[job.task_id] = job
+        if poll_now:
+            due = time.monotonic()
+        else:
+            due = job.started_at + self.model(job.class_key).next_age(0.0)
+        self._schedule(job, due)
+
+    def _schedule(self, job: Job, due: float) -> None:
+        job.poll_token += 1
+        was_first = not self._heap or due < self._heap[0][0]
+        heapq.heappush(self._heap, (due, next(self._seq), job.poll_token, job))
+        if was_first:
+            self._wakeup.set()
+
+    def _schedule_next(self, job: Job, age: float) -> None:
+        gap = self.model(job.class_key).next_age(age) - age
+        gap = max(self.policy.min_interval * 0.5, self.policy.jittered(gap, self._rng))
+        self._schedule(job, time.monotonic() + gap)
+
+    async def _sleep(self, seconds: float | None) -> None:
+        event = self._wakeup
+        with anyio.move_on_after(seconds):
+            await event.wait()
+        if event.is_set() and self._wakeup is event:
+            self._wakeup = anyio.Event()
+
+    # --- the workers -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """One poller coroutine; the client starts a few of them on the same heap."""
+        while True:
+            if not self._heap:
+                await self._sleep(None)
+                continue
+            due, _, token, job = self._heap[0]
+            delay = due - time.monotonic()
+            if delay > 0:
+                await self._sleep(delay)
+                continue
+            heapq.heappop(self._heap)
+            if token != job.poll_token or job.done:
+                continue
+            if self._sweeping is not None:
+                # A sweep in flight is about to look at this task too; see what it finds.
+                await self._sweeping.wait()
+                if token != job.poll_token or job.done:
+                    continue
+            if self._should_sweep():
+                await self._sweep(job)
+            else:
+                await self._poll(job)
+
+    def _should_sweep(self) -> bool:
+        return (
+            self._list_sweep
+            and len(self.following) >= self._sweep_threshold
+            and time.monotonic() - self._last_sweep >= self.policy.min_interval
+        )
+
+    async def _poll(self, job: Job) -> None:
+        assert job.task_id is not None
+        try:
+            task = await self._resource.get(job.task_id)
+        except TaskNotFoundError as exc:
+            misses = self._misses[job] = self._misses.get(job, 0) + 1
+            if misses >= _MISSES_ALLOWED:
+                self._end(job, exc)
+            else:
+                self._schedule(job, time.monotonic() + self.policy.min_interval * 2**misses)
+            return
+        except (AuthenticationError, AccountError) as exc:
+            self._end(job, exc)
+            return
+        except KlingError as exc:
+            # Retries for this poll ran out; the task is not lost, just looked at later.
+            log.warning("poll of task %s failed (%s); trying again later", job.task_id, exc)
+            self._schedule(job, time.monotonic() + self.policy.max_interval)
+            return
+        self.polls += 1
+        self._misses.pop(job, None)
+        self._apply(job, task, time.monotonic())
+
+    def _apply(self, job: Job, task: Task, observed_at: float) -> None:
+        job._observe(task)
+        age = observed_at - job.started_at
+        if task.is_terminal:
+            if job.measured:
+                # It ended between the previous poll and this one: take the midpoint.
+                self.model(job.class_key).observe((job.poll_age + age) / 2)
+            self._finish(job)
+        else:
+            job.poll_age = age
+            self._schedule_next(job, age)
+
+    def _end(self, job: Job, error: BaseException) -> None:
+        job._fail(error)
+        self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        job.ended_at = time.monotonic()
+        if job.task_id is not None:
+            self.following.pop(job.task_id, None)
+        self._misses.pop(job, None)
+        self._on_end(job)
+
+    async def _sweep(self, trigger: Job) -> None:
+        """Look at every followed task through the list endpoint, a page per 500 tasks."""
+        self._sweeping = sweeping = anyio.Event()
+        wanted = set(self.following)
+        seen: set[str] = set()
+        try:
+            pages = math.ceil(len(wanted) / _PAGE_SIZE) + 1
+            for page in range(1, pages + 1):
+                tasks = await self._resource.list(page=page, page_size=_PAGE_SIZE)
+                observed_at = time.monotonic()
+                for task in tasks:
+                    job = self.following.get(task.task_id)
+                    if job is not None and task.task_id not in seen:
+                        seen.add(task.task_id)
+                        self._apply(job, task, observed_at)
+                if len(tasks) < _PAGE_SIZE or wanted <= seen:
+                    break
+            self.sweeps += 1
+        except KlingError as exc:
+            log.warning("list sweep failed (%s); polling tasks one by one", exc)
+        finally:
+            self._last_sweep = time.monotonic()
+            self._sweeping = None
+            sweeping.set()
+        if trigger.task_id not in seen and not trigger.done:
+            await self._poll(trigger)

@@ -1,0 +1,221 @@
+"""The submitter: a queue of jobs drained by a few create coroutines, within Kling's slots.
+
+Kling counts parallel tasks per account and answers 1303 past the limit, creating nothing.
+The limit is not published (it depends on the resource pack), so :class:`AdaptiveLimit` learns
+it: a 1303 lowers the limit to the tasks we hold, and the submitter then waits for one of them
+to end; sustained success probes one slot higher, and each failed probe doubles the successes
+required before the next, so a fixed limit costs only a logarithmic number of 1303s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+import anyio
+import attrs
+
+from ._budget import RequestBudget
+from ._create import CreateSettings
+from ._errors import (
+    AccountError,
+    AuthenticationError,
+    ConcurrencyLimitError,
+    KlingError,
+    RateLimitError,
+    TransportError,
+)
+from ._jobs import Job, JobStatus
+from ._models import Task
+from ._resources import Text2VideoResource
+from ._retry import RetryPolicy
+
+__all__ = ["AdaptiveLimit", "Submitter"]
+
+log = logging.getLogger("kling_async")
+
+_FIRST_PROBE_AFTER = 4
+
+
+class AdaptiveLimit:
+    """Kling slots: ``active`` tasks held (create in flight or task not yet ended) against a
+    ``limit`` that stays within [1, ``ceiling``]. ``ceiling`` None means unknown: start
+    unbounded and learn from the first 1303."""
+
+    def __init__(self, ceiling: int | None) -> None:
+        self.ceiling: float = math.inf if ceiling is None else ceiling
+        self.limit: float = self.ceiling
+        self.active = 0
+        self.peak_active = 0
+        self.throttled = 0  # 1303 answers seen
+        self._successes = 0
+        self._probe_after = _FIRST_PROBE_AFTER
+        self._probing = False
+        self._changed = anyio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_changed(self, at_most: float | None = None) -> None:
+        with anyio.move_on_after(at_most):
+            await self._changed.wait()
+
+    async def acquire(self) -> None:
+        while self.active >= self.limit:
+            await self.wait_changed()
+        self.hold()
+
+    def hold(self) -> None:
+        """Count a slot without waiting (a task followed with ``track`` holds one too)."""
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+
+    def release(self) -> None:
+        self.active -= 1
+        self._notify()
+
+    def on_success(self) -> None:
+        if self.active < self.limit or self.limit >= self.ceiling:
+            return
+        self._successes += 1
+        if self._successes >= self._probe_after:
+            self._successes = 0
+            self._probing = True
+            self.limit += 1
+            self._notify()
+
+    def on_concurrency_limit(self) -> None:
+        """A 1303 for the create holding one slot: that slot is released, and the server's
+        limit is at most the tasks we still hold."""
+        self.throttled += 1
+        self.active -= 1
+        if self._probing:
+            self._probe_after *= 2
+            self._probing = False
+        self.limit = max(1, min(self.limit, self.active))
+        self._successes = 0
+        self._notify()
+
+
+@attrs.define
+class SubmitStats:
+    submitted: int = 0
+    rejected: int = 0
+
+
+class Submitter:
+    """Drains the job queue with ``workers`` create coroutines (``max_concurrent_submits``)."""
+
+    def __init__(
+        self,
+        resource: Text2VideoResource,
+        limit: AdaptiveLimit,
+        budget: RequestBudget,
+        *,
+        retry: RetryPolicy,
+        settle_window: float,
+        on_submitted: Callable[[Job, Task, float], None],
+    ) -> None:
+        self._resource = resource
+        self.limit = limit
+        self._budget = budget
+        self._retry = retry
+        self._settings = CreateSettings(
+            retry=retry, settle_window=settle_window, retry_concurrency=False
+        )
+        self._on_submitted = on_submitted
+        self._queue: deque[Job] = deque()
+        self._work = anyio.Event()
+        self.fatal: BaseException | None = None
+        self.stats = SubmitStats()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def enqueue(self, job: Job) -> None:
+        if self.fatal is not None:
+            job._fail(self.fatal)
+            return
+        self._queue.append(job)
+        self._work.set()
+
+    async def _next_job(self) -> Job:
+        while not self._queue:
+            await self._work.wait()
+            if not self._queue:
+                self._work = anyio.Event()
+        return self._queue.popleft()
+
+    def _stop(self, error: BaseException) -> None:
+        """Account-fatal: no more creates; queued jobs fail with the reason."""
+        if self.fatal is None:
+            self.fatal = error
+            log.error("submission stopped for the account: %s", error)
+        while self._queue:
+            self._queue.popleft()._fail(error)
+
+    async def run(self) -> None:
+        """One create coroutine; the client starts ``max_concurrent_submits`` of them."""
+        while True:
+            job = await self._next_job()
+            await self.limit.acquire()
+            if self.fatal is not None:
+                self.limit.release()
+                job._fail(self.fatal)
+                continue
+            await self._submit(job)
+
+    async def _submit(self, job: Job) -> None:
+        assert job.request is not None
+        job._set_status(JobStatus.SUBMITTING)
+        sent_at = time.monotonic()
+        try:
+            task = await self._resource.create_prepared(job.request, self._settings)
+        except ConcurrencyLimitError:
+            self.limit.on_concurrency_limit()
+            job._set_status(JobStatus.QUEUED)
+            self._queue.appendleft(job)
+            self._work.set()
+            # Wait for one of our tasks to end; if we hold none (another client holds the
+            # slots), back off instead of hammering.
+            wait = self._retry.delay(min(self.limit.throttled, 6)) if self.limit.active else None
+            await self.limit.wait_changed(at_most=wait or self._retry.maximum)
+            return
+        except RateLimitError as exc:
+            self.limit.release()
+            pause = self._retry.delay(1, retry_after=exc.retry_after, throttled=True)
+            self._budget.pause(pause)
+            job._set_status(JobStatus.QUEUED)
+            self._queue.appendleft(job)
+            self._work.set()
+            return
+        except (AccountError, AuthenticationError) as exc:
+            self.limit.release()
+            job._fail(exc)
+            self._stop(exc)
+            return
+        except TransportError as exc:
+            self.limit.release()
+            if not exc.request_sent:
+                # Provably never sent: nothing was created, so queueing it again is safe.
+                job._set_status(JobStatus.QUEUED)
+                self._queue.append(job)
+                self._work.set()
+                await anyio.sleep(self._retry.maximum / 4)
+                return
+            job._fail(exc)
+            self.stats.rejected += 1
+            return
+        except KlingError as exc:
+            self.limit.release()
+            job._fail(exc)
+            self.stats.rejected += 1
+            return
+        self.limit.on_success()
+        self.stats.submitted += 1
+        self._on_submitted(job, task, sent_at)
