@@ -34,6 +34,11 @@ ENV_SECRET_KEY = "KLING_SECRET_KEY"  # noqa: S105 (a variable name, not a secret
 ENV_BASE_URL = "KLING_BASE_URL"
 
 
+def wall_clock() -> float:
+    """Unix seconds; a module-level seam so tests can move the JWT clock."""
+    return time.time()
+
+
 class Auth(Protocol):
     """Something that yields an ``Authorization`` header value."""
 
@@ -71,21 +76,24 @@ class JWTAuth:
 
     Tokens live ``ttl`` seconds (1800, as Kling's docs do) and are re-minted ``refresh_margin``
     seconds before they expire, so a long-lived client never sends a stale one; a 1004 answer
-    forces one early re-mint. ``clock`` returns Unix seconds and exists for tests.
+    forces one early re-mint. ``clock`` returns Unix seconds (default: the system clock).
     """
 
     _access_key: str
     _secret_key: str
     ttl: int = 1800
     refresh_margin: int = 300
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] | None = None
     _token: str | None = attrs.field(default=None, init=False)
     _expires_at: float = attrs.field(default=0.0, init=False)
 
     kind = "jwt"
 
+    def _now(self) -> float:
+        return (self.clock or wall_clock)()
+
     def _mint(self) -> str:
-        now = int(self.clock())
+        now = int(self._now())
         exp = now + self.ttl
         with warnings.catch_warnings():
             # The secret's length is Kling's choice, not the user's: do not warn on every mint.
@@ -101,7 +109,7 @@ class JWTAuth:
 
     def header(self) -> str:
         token = self._token
-        if token is None or self.clock() >= self._expires_at - self.refresh_margin:
+        if token is None or self._now() >= self._expires_at - self.refresh_margin:
             token = self._mint()
         return f"Bearer {token}"
 
