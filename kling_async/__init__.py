@@ -14,7 +14,7 @@ The error tree is documented in :mod:`kling_async._errors`; the emulator for tes
 """
 
 from ._auth import BearerAuth, JWTAuth
-from ._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
+from ._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, ClientStats, KlingClient
 from ._errors import (
     AccountError,
     AmbiguousSubmissionError,
@@ -34,6 +34,7 @@ from ._errors import (
     ValidationError,
     WaitTimeoutError,
 )
+from ._jobs import ClientClosedError, Job, JobEvent, JobStatus
 from ._models import (
     CameraConfig,
     CameraControl,
@@ -52,6 +53,7 @@ from ._version import __version__
 __all__ = [
     # client and settings
     "KlingClient",
+    "ClientStats",
     "BackendProfile",
     "COMETAPI",
     "COMETAPI_BASE_URL",
@@ -62,6 +64,10 @@ __all__ = [
     "RetryPolicy",
     "BearerAuth",
     "JWTAuth",
+    # jobs
+    "Job",
+    "JobEvent",
+    "JobStatus",
     # data
     "CameraConfig",
     "CameraControl",
@@ -76,6 +82,7 @@ __all__ = [
     "AccountError",
     "AmbiguousSubmissionError",
     "AuthenticationError",
+    "ClientClosedError",
     "ConcurrencyLimitError",
     "InvalidRequestError",
     "KlingError",

@@ -221,15 +221,19 @@ class KlingClient:
 
     # --- many jobs --------------------------------------------------------------------------
 
-    def submit(self, request: Text2VideoRequest) -> Job:
+    def submit(self, request: Text2VideoRequest, *, resume: bool = False) -> Job:
         """Queue one text-to-video job behind the client's limits and return it at once.
 
         The request is validated now (a :class:`ValidationError` is raised here, before any
-        network call) and given an ``external_task_id`` if it has none.
+        network call) and given an ``external_task_id`` if it has none. ``resume=True`` says
+        an earlier run may already have sent this request (same ``external_task_id``): the
+        task is looked up first and created only if it does not exist.
         """
-        return self.submit_many([request])[0]
+        return self.submit_many([request], resume=resume)[0]
 
-    def submit_many(self, requests: Iterable[Text2VideoRequest]) -> list[Job]:
+    def submit_many(
+        self, requests: Iterable[Text2VideoRequest], *, resume: bool = False
+    ) -> list[Job]:
         """Queue many jobs; all are validated before any is queued."""
         self._running()
         prepared = [self.text2video.prepare(request) for request in requests]
@@ -245,7 +249,7 @@ class KlingClient:
                     request.effective_duration,
                 ),
             )
-            self._submitter.enqueue(job)
+            self._submitter.enqueue(job, resume=resume)
             jobs.append(job)
         return jobs
 

@@ -103,12 +103,22 @@ async def create_task(
     external_task_id: str,
     lookup: Lookup | None,
     settings: CreateSettings,
+    earlier_ambiguity: BaseException | None = None,
 ) -> Task:
-    """POST ``body`` until one task exists for ``external_task_id``; return it."""
+    """POST ``body`` until one task exists for ``external_task_id``; return it.
+
+    ``earlier_ambiguity`` resumes a create whose earlier call ended ambiguous: the task is
+    looked up first, and a POST follows only if it is not found.
+    """
     retry = settings.retry
     deadline = time.monotonic() + retry.timeout
     attempt = 0
-    ambiguous: BaseException | None = None
+    ambiguous: BaseException | None = earlier_ambiguity
+    if earlier_ambiguity is not None:
+        # The earlier call ended a while ago: one look is enough before deciding to POST.
+        found = await _settle(lookup, external_task_id, 0.0, earlier_ambiguity, api.rng)
+        if found is not None:
+            return found
     while True:
         attempt += 1
         try:

@@ -86,15 +86,13 @@ class _Feed(Generic[T]):
 
 @attrs.frozen
 class JobEvent:
-    """A status change: ``task`` is the new snapshot, or None for a job that ended without
-    one (rejected before submission: ``job.error`` says why)."""
+    """A status change: ``status`` is the job's new status and ``task`` the new snapshot, or
+    None for a job that ended without one (rejected before submission: ``job.error`` says
+    why)."""
 
     job: Job
     task: Task | None
-
-    @property
-    def status(self) -> JobStatus:
-        return self.job.status
+    status: JobStatus
 
 
 class Job:
@@ -194,7 +192,7 @@ class Job:
         if task is not None and self._feeds:
             for feed in self._feeds:
                 feed.push(task)
-        self._hub.publish(JobEvent(self, task))
+        self._hub.publish(JobEvent(self, task, self._status))
         if self.done:
             self._settle()
 

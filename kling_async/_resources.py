@@ -76,7 +76,18 @@ class TaskResource:
             request = attrs.evolve(request, external_task_id=new_external_task_id())
         return request
 
-    async def create_prepared(self, request: Text2VideoRequest, settings: CreateSettings) -> Task:
+    @property
+    def can_look_up(self) -> bool:
+        """Whether tasks can be found by ``external_task_id`` here (ambiguity is resolvable)."""
+        return self._lookup_form is not None
+
+    async def create_prepared(
+        self,
+        request: Text2VideoRequest,
+        settings: CreateSettings,
+        *,
+        earlier_ambiguity: BaseException | None = None,
+    ) -> Task:
         """Create the task for a request that went through :meth:`prepare`."""
         external_task_id = request.external_task_id
         assert external_task_id is not None
@@ -87,6 +98,7 @@ class TaskResource:
             external_task_id=external_task_id,
             lookup=self._find_external if self._lookup_form is not None else None,
             settings=settings,
+            earlier_ambiguity=earlier_ambiguity,
         )
 
     async def get(self, task_id: str | None = None, *, external_task_id: str | None = None) -> Task:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from ._budget import RequestBudget
 from ._create import CreateSettings
 from ._errors import (
     AccountError,
+    AmbiguousSubmissionError,
     AuthenticationError,
     ConcurrencyLimitError,
     KlingError,
@@ -38,6 +40,8 @@ __all__ = ["AdaptiveLimit", "Submitter"]
 log = logging.getLogger("kling_async")
 
 _FIRST_PROBE_AFTER = 4
+#: Rounds a job whose create stays ambiguous is queued again (each starts with a lookup).
+_AMBIGUOUS_ROUNDS = 6
 
 
 class AdaptiveLimit:
@@ -128,19 +132,25 @@ class Submitter:
             retry=retry, settle_window=settle_window, retry_concurrency=False
         )
         self._on_submitted = on_submitted
+        self._rng = random.Random()
         self._queue: deque[Job] = deque()
         self._work = anyio.Event()
         self.fatal: BaseException | None = None
         self.stats = SubmitStats()
+        #: Jobs whose last create ended ambiguous, with the rounds they have had.
+        self._unsettled: dict[Job, tuple[int, BaseException]] = {}
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
-    def enqueue(self, job: Job) -> None:
+    def enqueue(self, job: Job, *, resume: bool = False) -> None:
+        """Queue ``job``; ``resume`` marks a request an earlier run may already have sent."""
         if self.fatal is not None:
             job._fail(self.fatal)
             return
+        if resume and job.external_task_id is not None:
+            self._unsettled[job] = (0, AmbiguousSubmissionError(job.external_task_id))
         self._queue.append(job)
         self._work.set()
 
@@ -174,8 +184,24 @@ class Submitter:
         assert job.request is not None
         job._set_status(JobStatus.SUBMITTING)
         sent_at = time.monotonic()
+        rounds, earlier = self._unsettled.pop(job, (0, None))
         try:
-            task = await self._resource.create_prepared(job.request, self._settings)
+            task = await self._resource.create_prepared(
+                job.request, self._settings, earlier_ambiguity=earlier
+            )
+        except AmbiguousSubmissionError as exc:
+            self.limit.release()
+            if rounds + 1 < _AMBIGUOUS_ROUNDS and self._resource.can_look_up:
+                # Not lost, not duplicated: look it up again later, then create if absent.
+                self._unsettled[job] = (rounds + 1, exc.cause or exc)
+                job._set_status(JobStatus.QUEUED)
+                self._queue.append(job)
+                self._work.set()
+                await anyio.sleep(self._retry.delay(rounds + 1, rng=self._rng))
+                return
+            job._fail(exc)
+            self.stats.rejected += 1
+            return
         except ConcurrencyLimitError:
             self.limit.on_concurrency_limit()
             job._set_status(JobStatus.QUEUED)

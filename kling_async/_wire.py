@@ -200,6 +200,9 @@ def _normalise_code(code: Any) -> int | str | None:
     return None
 
 
+_STATUS_IS_VERDICT = frozenset({401, 403, 429})
+
+
 def decode_envelope(
     http_status: int,
     raw: bytes,
@@ -211,8 +214,9 @@ def decode_envelope(
 
     Reads Kling's envelope ``{"code", "message", "request_id", "data"}``, CometAPI's
     ``{"error": {...}}`` and a new-api gateway's ``{"code": "task_not_exist"}``. A body that is
-    not JSON becomes an :class:`APIError` subclass chosen by HTTP status (an HTML 502 is a
-    server error) or, on a 2xx, a :class:`ResponseDecodeError`. ``query`` marks a single-task
+    not JSON becomes an :class:`APIError` subclass chosen by HTTP status where the status says
+    enough (an HTML 502 is a server error, a bare 401 an authentication error), and a
+    :class:`ResponseDecodeError` otherwise. ``query`` marks a single-task
     query, where "not found" codes raise :class:`TaskNotFoundError`.
     """
     try:
@@ -225,7 +229,9 @@ def decode_envelope(
 
     if not parsed or not isinstance(body, Mapping):
         what = "an empty body" if not raw.strip() else "a body that is not a JSON object"
-        if http_status >= 400:
+        # The status alone is a verdict only where it is unambiguous; any other 4xx without
+        # the envelope (a proxy page, a cut body) is undecodable, and reads retry those.
+        if http_status in _STATUS_IS_VERDICT or http_status >= 500:
             cls = api_error_class(None, http_status, query=query)
             raise _error(
                 cls,

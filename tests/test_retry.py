@@ -54,5 +54,5 @@ def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
 
 @pytest.mark.parametrize("kwargs", [{"attempts": 0}, {"timeout": 0}, {"initial": -1}])
 def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="RetryPolicy|attempts"):
+    with pytest.raises(ValueError, match=r"RetryPolicy|attempts"):
         ka.RetryPolicy(**kwargs)  # type: ignore[arg-type]

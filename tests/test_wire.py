@@ -185,6 +185,9 @@ def test_cometapi_envelope(status: int, code: str, cls: type[ka.APIError]) -> No
         (200, b'{"hello": "world"}', ka.ResponseDecodeError),
         (401, b"", ka.AuthenticationError),
         (429, b"slow down", ka.RateLimitError),
+        (403, b"<html>Forbidden</html>", ka.AccountError),
+        (400, b'{"code":1201,"message":"Task no', ka.ResponseDecodeError),
+        (404, b"<html>Not Found</html>", ka.ResponseDecodeError),
         (200, b"\xff\xfe\x00garbage", ka.ResponseDecodeError),
     ],
 )

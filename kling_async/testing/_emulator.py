@@ -1,0 +1,335 @@
+"""The :class:`Emulator` scope: a local Kling server for tests, benchmarks and offline batches."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Self
+
+import aiohttp
+import anyio
+from aiohttp import web
+
+from ._auth import Authenticator
+from ._callbacks import CallbackMode, CallbackScheduler
+from ._clock import EmulatedClock
+from ._faults import FaultInjector, Faults
+from ._ratelimit import TokenBucket
+from ._server import ACCOUNT_ERRORS, DuplicatePolicy, KlingServer, Settings, UnknownTaskStyle
+from ._state import EmulatedTask, EmulatorStats, Lifecycle, TaskStore
+from ._video import VideoLinks
+from ._video import video_bytes as _video_bytes
+from ._video import video_sha256 as _video_sha256
+
+DEFAULT_API_KEY: Final = "sk-emulator-key"
+DEFAULT_ACCESS_KEYS: Final[Mapping[str, str]] = MappingProxyType(
+    # 32+ bytes: PyJWT warns (an error under `filterwarnings = error`) about shorter HS256 keys.
+    {"ak-emulator": "sk-emulator-secret-for-hs256-jwt-signing"}
+)
+# In-flight handlers get this long to finish when the emulator closes; stalls end at once anyway.
+_SHUTDOWN_TIMEOUT: Final = 5.0
+
+
+def _loopback_host(host: str) -> str:
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"host must be a loopback IP address, got {host!r}") from None
+    if not address.is_loopback:
+        raise ValueError(f"host must be a loopback address (127.0.0.0/8 or ::1), got {host!r}")
+    return host
+
+
+class Emulator:
+    """A real Kling text-to-video server on loopback, with a scaled clock and ground truth.
+
+    Use it as ``async with Emulator(time_scale=0.001) as emu:`` and point a client at
+    ``emu.url`` (or ``emu.url + "/kling"``) with ``emu.api_key`` (CometAPI-style bearer key) or
+    ``emu.access_key`` / ``emu.secret_key`` (official-API JWTs). ``await emu.start()`` and
+    ``await emu.aclose()`` do the same without a block. Everything the emulator runs (the server,
+    the callback scheduler) is stopped when it closes.
+
+    Times are in *emulated* seconds: one lasts ``time_scale`` real seconds. Task durations,
+    outcomes, ids and faults are drawn from ``seed``, so a run is reproducible.
+
+    Knobs (all keyword-only):
+
+    - ``time_scale``: real seconds per emulated second (``0.001``: a 90 s task takes 90 ms).
+    - ``median_duration``, ``duration_sigma``: log-normal task durations (emulated seconds, std
+      mode, 5 s clip); ``pro_factor`` and ``long_factor`` slow down pro mode and longer clips;
+      ``queue_fraction`` of each duration is spent ``submitted`` before ``processing``.
+    - ``failure_rate``: fraction of tasks that end ``failed``.
+    - ``concurrency_limit``: account slots; a create over it gets 429/1303 and creates nothing.
+    - ``rate_limit`` / ``rate_burst``: requests per real second over the API (429/1302).
+    - ``duplicate_external_id``: a repeated ``external_task_id`` is rejected (400/1201),
+      answered with the first task (``return_first``), or creates another task (``allow``).
+    - ``unknown_task``: how a missing task is answered: 400/1201, 404/1203, or new-api's
+      ``{"code": "task_not_exist"}``.
+    - ``callbacks``: POST every status change, only the terminal one, or ``chaotic`` (every
+      change, some duplicated, some after the terminal one).
+    - ``faults``: seeded :class:`Faults`; changeable with :meth:`set_faults`.
+    - ``api_keys``, ``access_keys``: accepted bearer keys and access-key -> secret pairs.
+    - ``wall_clock``: the time JWT ``exp``/``nbf`` are checked against (tests drive expiry).
+    - ``url_ttl``: emulated seconds a video URL stays valid (``None``: forever).
+    - ``host``, ``port``: a loopback address only; port 0 picks a free one.
+    """
+
+    def __init__(
+        self,
+        *,
+        time_scale: float = 1.0,
+        seed: int = 0,
+        median_duration: float = 90.0,
+        duration_sigma: float = 0.35,
+        pro_factor: float = 1.6,
+        long_factor: float = 1.5,
+        queue_fraction: float = 0.1,
+        failure_rate: float = 0.0,
+        concurrency_limit: int | None = None,
+        rate_limit: float | None = None,
+        rate_burst: int = 10,
+        duplicate_external_id: DuplicatePolicy = "reject",
+        unknown_task: UnknownTaskStyle = "kling_1201",
+        callbacks: CallbackMode = "every",
+        faults: Faults | None = None,
+        api_keys: Sequence[str] = (DEFAULT_API_KEY,),
+        access_keys: Mapping[str, str] = DEFAULT_ACCESS_KEYS,
+        wall_clock: Callable[[], float] = time.time,
+        url_ttl: float | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        if isinstance(api_keys, str):
+            raise TypeError("api_keys must be a sequence of keys, not one string")
+        if duplicate_external_id not in ("reject", "return_first", "allow"):
+            raise ValueError(f"unknown duplicate_external_id policy {duplicate_external_id!r}")
+        if unknown_task not in ("kling_1201", "kling_1203", "new_api"):
+            raise ValueError(f"unknown unknown_task style {unknown_task!r}")
+        if callbacks not in ("every", "terminal", "chaotic"):
+            raise ValueError(f"unknown callbacks mode {callbacks!r}")
+        _check_limit(concurrency_limit)
+
+        self._host = _loopback_host(host)
+        self._port = port
+        self._seed = seed
+        self._api_keys = tuple(api_keys)
+        self._access_keys = dict(access_keys)
+        self._clock = EmulatedClock(time_scale)
+        self._stats = EmulatorStats()
+        self._store = TaskStore(
+            seed=seed,
+            lifecycle=Lifecycle(
+                median_duration=median_duration,
+                duration_sigma=duration_sigma,
+                pro_factor=pro_factor,
+                long_factor=long_factor,
+                queue_fraction=queue_fraction,
+                failure_rate=failure_rate,
+            ),
+        )
+        self._faults = FaultInjector(faults, seed=seed)
+        self._links = VideoLinks(clock=self._clock, ttl=url_ttl)
+        self._settings = Settings(
+            concurrency_limit=concurrency_limit,
+            forced_account_error=None,
+            duplicate_external_id=duplicate_external_id,
+            unknown_task=unknown_task,
+        )
+        self._closing = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._callbacks = CallbackScheduler(
+            mode=callbacks,
+            seed=seed,
+            clock=self._clock,
+            stats=self._stats,
+            tasks=self._store.tasks,
+            render=lambda task, at: self._server.render(task, at),
+        )
+        self._server = KlingServer(
+            seed=seed,
+            clock=self._clock,
+            store=self._store,
+            stats=self._stats,
+            auth=Authenticator(
+                api_keys=self._api_keys, access_keys=self._access_keys, wall_clock=wall_clock
+            ),
+            faults=self._faults,
+            limiter=None if rate_limit is None else TokenBucket(rate_limit, rate_burst),
+            callbacks=self._callbacks,
+            links=self._links,
+            settings=self._settings,
+            closing=self._closing,
+        )
+        self._url: str | None = None
+        self._service: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Bind the port and start serving; returns once ``url`` is valid."""
+        if self._service is not None:
+            raise RuntimeError("this Emulator was already started; create a new one")
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        service = asyncio.create_task(self._serve(ready), name="kling-emulator")
+        self._service = service
+        try:
+            waiters: set[asyncio.Future[Any]] = {ready, service}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await self.aclose()
+            raise
+        if not ready.done():
+            ready.cancel()
+            self._closed = True
+            service.result()  # re-raises why it could not start (e.g. the port is taken)
+            raise RuntimeError("the emulator stopped before it was ready")
+        self._url = ready.result()
+
+    async def aclose(self) -> None:
+        """Stop serving and wait until everything the emulator started has ended. Idempotent."""
+        if self._service is None or self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        # Shielded: a caller being cancelled must still leave nothing running behind it, and the
+        # shutdown is bounded (stalls end at once, handlers get _SHUTDOWN_TIMEOUT at most).
+        with anyio.CancelScope(shield=True):
+            await self._service
+
+    async def _serve(self, ready: asyncio.Future[str]) -> None:
+        """The one task that owns the server and the callback scheduler's task group."""
+        runner = web.AppRunner(
+            self._server.application(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=_SHUTDOWN_TIMEOUT,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._port)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            self._links.base_url = url
+            self._clock.start()
+            # The session outlives the task group, so it closes outside the cancelled scope.
+            async with (
+                aiohttp.ClientSession() as session,
+                anyio.create_task_group() as task_group,
+            ):
+                task_group.start_soon(self._callbacks.run, session)
+                ready.set_result(url)
+                await self._stop.wait()
+                task_group.cancel_scope.cancel()
+        finally:
+            self._closing.set()
+            await runner.cleanup()
+
+    # -- addresses and credentials -----------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT`` (no trailing slash); the ``/kling`` family is under it too."""
+        if self._url is None:
+            raise RuntimeError("the Emulator is not started yet: use `async with` or start()")
+        return self._url
+
+    @property
+    def api_key(self) -> str:
+        """The first accepted bearer key (CometAPI style)."""
+        if not self._api_keys:
+            raise RuntimeError("this Emulator was given no api_keys")
+        return self._api_keys[0]
+
+    @property
+    def access_key(self) -> str:
+        """The first access key for official-API JWTs."""
+        if not self._access_keys:
+            raise RuntimeError("this Emulator was given no access_keys")
+        return next(iter(self._access_keys))
+
+    @property
+    def secret_key(self) -> str:
+        """The secret that signs JWTs for :attr:`access_key`."""
+        return self._access_keys[self.access_key]
+
+    @property
+    def time_scale(self) -> float:
+        """Real seconds per emulated second."""
+        return self._clock.time_scale
+
+    # -- ground truth ------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Emulated seconds since the emulator started."""
+        return self._clock.now()
+
+    @property
+    def stats(self) -> EmulatorStats:
+        """Live ground truth (it keeps changing; copy what you compare)."""
+        return self._stats
+
+    @property
+    def tasks(self) -> Mapping[str, EmulatedTask]:
+        """Every task created, by task id (a read-only live view)."""
+        return MappingProxyType(self._store.tasks)
+
+    def active_tasks(self) -> int:
+        """Tasks holding an account slot now (created and not completed)."""
+        return self._store.active_count(self._clock.now())
+
+    def video_bytes(self, video_id: str) -> bytes:
+        """The exact bytes ``GET /files/{video_id}.mp4`` serves. KeyError for an unknown id."""
+        if self._store.video_owner(video_id) is None:
+            raise KeyError(video_id)
+        return _video_bytes(self._seed, video_id)
+
+    def video_sha256(self, video_id: str) -> str:
+        """Hex SHA-256 of :meth:`video_bytes`."""
+        if self._store.video_owner(video_id) is None:
+            raise KeyError(video_id)
+        return _video_sha256(self._seed, video_id)
+
+    # -- knobs -------------------------------------------------------------------------------
+
+    def force_account_error(self, code: int | None) -> None:
+        """Answer every create with an account-level error until called with ``None``.
+
+        ``1100``, ``1101``, ``1102`` and ``1304`` are HTTP 429, ``1103`` is HTTP 403; no task is
+        created. These are the errors a client must treat as fatal for the account.
+        """
+        if code is not None and code not in ACCOUNT_ERRORS:
+            raise ValueError(f"code must be one of {sorted(ACCOUNT_ERRORS)} or None, got {code!r}")
+        self._settings.forced_account_error = code
+
+    def set_concurrency_limit(self, limit: int | None) -> None:
+        """Change the account's parallel-task limit (``None``: unlimited) from now on."""
+        _check_limit(limit)
+        self._settings.concurrency_limit = limit
+
+    def set_faults(self, faults: Faults | None) -> None:
+        """Replace the fault rates from the next request on (``None``: no faults)."""
+        self._faults.faults = faults
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"concurrency_limit must be an int >= 0 or None, got {limit!r}")
