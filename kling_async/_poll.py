@@ -34,7 +34,7 @@ class PollPolicy:
     """
 
     min_interval: float = attrs.field(default=2.0, validator=_positive)
-    max_interval: float = attrs.field(default=30.0, validator=_positive)
+    max_interval: float = attrs.field(default=60.0, validator=_positive)
     initial_estimate: float = attrs.field(default=90.0, validator=_positive)
     jitter: float = attrs.field(
         default=0.1, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)]

@@ -22,11 +22,11 @@ __all__ = ["ClassKey", "DurationModel", "inspection_schedule"]
 ClassKey = tuple[str, str, str]
 
 #: Log-space spread assumed before a class has data: wide, so early polls cover a range.
-PRIOR_SIGMA = 0.6
+PRIOR_SIGMA = 0.5
 #: How many observations the prior is worth when blended with real ones.
 PRIOR_WEIGHT = 2.0
 _MIN_SIGMA = 0.05
-_GRID_POINTS = 600
+_GRID_POINTS = 360
 _HORIZON_SIGMAS = 3.5
 
 

@@ -1,0 +1,31 @@
+"""`python -m benchmarks [polling|scale ...] [--tasks N] [--slots K] [--time-scale S]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import polling, scale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("suites", nargs="*", choices=["polling", "scale"], default=[])
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--slots", type=int, default=20)
+    parser.add_argument("--time-scale", type=float, default=0.02)
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--contender", action="append", help="run only these polling contenders")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    args = parser.parse_args()
+    suites = args.suites or ["polling", "scale"]
+    if "polling" in suites:
+        workload = polling.Workload(
+            tasks=args.tasks, slots=args.slots, time_scale=args.time_scale, seed=args.seed
+        )
+        polling.run(workload, args.contender)
+    if "scale" in suites:
+        scale.run(args.sizes)
+
+
+if __name__ == "__main__":
+    main()
