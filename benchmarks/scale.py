@@ -43,7 +43,10 @@ async def _track_all(
         max_active_tasks=len(ids) + 1,
     ) as kling:
         watcher = asyncio.create_task(monitor())
-        jobs = [kling.track(task_id) for task_id in ids]
+        jobs = []
+        for start in range(0, len(ids), 1000):  # as an app would: a chunk, then let others run
+            jobs += [kling.track(task_id) for task_id in ids[start : start + 1000]]
+            await asyncio.sleep(0)
         while any(job.task is None for job in jobs):
             await asyncio.sleep(0.05)
         settled = time.monotonic() - started

@@ -186,8 +186,7 @@ class KlingClient:
             submitters, pollers = self._workers
             for _ in range(submitters):
                 self._task_group.start_soon(self._submitter.run, name="kling-submitter")
-            for _ in range(pollers):
-                self._task_group.start_soon(self._pool.run, name="kling-poller")
+            self._task_group.start_soon(self._pool.run, pollers, name="kling-poll-dispatcher")
             self._stack = stack.pop_all()
         return self
 

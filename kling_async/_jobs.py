@@ -49,7 +49,10 @@ class JobStatus(enum.StrEnum):
 
     @classmethod
     def of(cls, status: TaskStatus) -> JobStatus:
-        return cls(status.value)
+        return _JOB_STATUS_OF[status]
+
+
+_JOB_STATUS_OF: dict[TaskStatus, JobStatus] = {s: JobStatus(s.value) for s in TaskStatus}
 
 
 class _Feed(Generic[T]):

@@ -49,9 +49,17 @@ class TaskStatus(enum.StrEnum):
     def _missing_(cls, value: object) -> TaskStatus:
         return cls.UNKNOWN
 
+    @classmethod
+    def parse(cls, value: str) -> TaskStatus:
+        """Like ``TaskStatus(value)``, without the enum machinery (it runs for every poll)."""
+        return _STATUS_BY_VALUE.get(value, cls.UNKNOWN)
+
     @property
     def is_terminal(self) -> bool:
         return self in (TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+
+
+_STATUS_BY_VALUE: dict[str, TaskStatus] = {s.value: s for s in TaskStatus}
 
 
 class Mode(enum.StrEnum):

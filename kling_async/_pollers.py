@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import AccountError, AuthenticationError, KlingError, TaskNotFoundError
 from ._jobs import Job
@@ -31,12 +33,18 @@ __all__ = ["PollerPool"]
 log = logging.getLogger("kling_async")
 
 _PAGE_SIZE = 500
+_MAX_PAGE = 1000  # the list endpoint's pageNum range is 1..1000
 #: A task reported missing this many times in a row is given up (fresh tasks may lag the index).
 _MISSES_ALLOWED = 3
+#: Tasks of a list page applied between two yields to the event loop.
+_YIELD_EVERY = 100
 
 
 class PollerPool:
     """Follows jobs that have a ``task_id`` until they end; see the module docstring."""
+
+    # The heap holds (due, sequence, token, job); an entry whose token is no longer the job's
+    # was superseded by a later schedule and is skipped when it comes up.
 
     def __init__(
         self,
@@ -61,6 +69,8 @@ class PollerPool:
         self._misses: dict[Job, int] = {}
         self._sweeping: anyio.Event | None = None
         self._last_sweep = -math.inf
+        #: Jobs the last sweep looked for and did not find: they are polled one by one.
+        self._missed_by_sweep: set[Job] = set()
         #: task_id -> job, for every job being followed.
         self.following: dict[str, Job] = {}
         self.polls = 0
@@ -111,39 +121,53 @@ class PollerPool:
 
     # --- the workers -----------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """One poller coroutine; the client starts a few of them on the same heap."""
+    async def run(self, workers: int) -> None:
+        """Serve the schedule: one dispatcher sleeps until the next poll is due and hands it
+        to the first free of ``workers`` pollers, so a schedule change wakes one coroutine,
+        not all of them, and a busy pool holds due polls back instead of piling them up."""
+        send, receive = anyio.create_memory_object_stream[tuple[Job, int]](0)
+        async with anyio.create_task_group() as tg, send, receive:
+            for _ in range(workers):
+                tg.start_soon(self._work, receive.clone(), name="kling-poller")
+            await self._dispatch(send)
+
+    async def _dispatch(self, send: MemoryObjectSendStream[tuple[Job, int]]) -> None:
+        heap = self._heap
         while True:
-            if not self._heap:
+            if not heap:
                 await self._sleep(None)
                 continue
-            due, _, token, job = self._heap[0]
+            due, _, token, job = heap[0]
             delay = due - time.monotonic()
             if delay > 0:
                 await self._sleep(delay)
                 continue
-            heapq.heappop(self._heap)
-            if token != job.poll_token or job.done:
-                continue
-            if self._sweeping is not None:
-                # A sweep in flight is about to look at this task too; see what it finds.
-                await self._sweeping.wait()
+            heapq.heappop(heap)
+            if token == job.poll_token and not job.done:
+                await send.send((job, token))
+
+    async def _work(self, receive: MemoryObjectReceiveStream[tuple[Job, int]]) -> None:
+        async with receive:
+            async for job, token in receive:
+                if self._sweeping is not None:
+                    # A sweep in flight is about to look at this task too; see what it finds.
+                    await self._sweeping.wait()
                 if token != job.poll_token or job.done:
                     continue
-            if self._should_sweep():
-                await self._sweep(job)
-            else:
-                await self._poll(job)
+                if not self._sweeping_on() or job in self._missed_by_sweep:
+                    await self._poll(job)
+                elif (wait := self._last_sweep + self.policy.min_interval - time.monotonic()) > 0:
+                    # A sweep covers everyone soon: it is cheaper than a poll of its own.
+                    self._schedule(job, time.monotonic() + wait)
+                else:
+                    await self._sweep(job)
 
-    def _should_sweep(self) -> bool:
-        return (
-            self._list_sweep
-            and len(self.following) >= self._sweep_threshold
-            and time.monotonic() - self._last_sweep >= self.policy.min_interval
-        )
+    def _sweeping_on(self) -> bool:
+        return self._list_sweep and len(self.following) >= self._sweep_threshold
 
     async def _poll(self, job: Job) -> None:
         assert job.task_id is not None
+        self.polls += 1
         try:
             task = await self._resource.get(job.task_id)
         except TaskNotFoundError as exc:
@@ -161,7 +185,6 @@ class PollerPool:
             log.warning("poll of task %s failed (%s); trying again later", job.task_id, exc)
             self._schedule(job, time.monotonic() + self.policy.max_interval)
             return
-        self.polls += 1
         self._misses.pop(job, None)
         self._apply(job, task, time.monotonic())
 
@@ -186,26 +209,38 @@ class PollerPool:
         if job.task_id is not None:
             self.following.pop(job.task_id, None)
         self._misses.pop(job, None)
+        self._missed_by_sweep.discard(job)
         self._on_end(job)
 
     async def _sweep(self, trigger: Job) -> None:
-        """Look at every followed task through the list endpoint, a page per 500 tasks."""
+        """Look at every followed task through the list endpoint (500 tasks a page).
+
+        The list is newest first and may hold many tasks that are not ours, so paging goes
+        on only while one more page is cheaper than polling the tasks still missing one by
+        one, and never past the API's last page number.
+        """
         self._sweeping = sweeping = anyio.Event()
         wanted = set(self.following)
         seen: set[str] = set()
+        missing = len(wanted)
         try:
-            pages = math.ceil(len(wanted) / _PAGE_SIZE) + 1
-            for page in range(1, pages + 1):
+            for page in range(1, _MAX_PAGE + 1):
                 tasks = await self._resource.list(page=page, page_size=_PAGE_SIZE)
                 observed_at = time.monotonic()
-                for task in tasks:
-                    job = self.following.get(task.task_id)
-                    if job is not None and task.task_id not in seen:
-                        seen.add(task.task_id)
+                for index, task in enumerate(tasks, 1):
+                    task_id = task.task_id
+                    job = self.following.get(task_id)
+                    if job is not None and task_id not in seen:
+                        seen.add(task_id)
+                        missing -= task_id in wanted
                         self._apply(job, task, observed_at)
-                if len(tasks) < _PAGE_SIZE or wanted <= seen:
+                    if index % _YIELD_EVERY == 0:
+                        await anyio.lowlevel.checkpoint()  # a page is big: let others run
+                if len(tasks) < _PAGE_SIZE or missing <= page:
                     break
             self.sweeps += 1
+            following = self.following
+            self._missed_by_sweep = {following[i] for i in wanted - seen if i in following}
         except KlingError as exc:
             log.warning("list sweep failed (%s); polling tasks one by one", exc)
         finally:

@@ -94,7 +94,7 @@ def _structure_task(value: Any, _type: object = None) -> Task:
     deduction = value.get("final_unit_deduction")
     return Task(
         task_id=task_id,
-        status=TaskStatus(raw_status),
+        status=TaskStatus.parse(raw_status),
         raw_status=raw_status,
         status_message=message if isinstance(message, str) else "",
         external_task_id=external if isinstance(external, str) and external else None,

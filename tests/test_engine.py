@@ -295,7 +295,7 @@ async def test_cancellation_at_random_points_is_clean(seed: int) -> None:
                     jobs = kling.submit_many(requests(30))
                     await finish(kling, jobs)
             # Whatever point it stopped at: nothing of the client's is still running.
-            ours = {"kling-submitter", "kling-poller"}
+            ours = {"kling-submitter", "kling-poller", "kling-poll-dispatcher"}
             lingering = [t for t in asyncio.all_tasks() if t.get_name() in ours]
             assert lingering == []
             assert kling._transport._session is None
@@ -341,3 +341,29 @@ async def test_resume_adopts_tasks_an_earlier_run_created(duplicates: str) -> No
         assert emu.stats.created_per_external_id == {r.external_task_id: 1 for r in reqs}
         assert [j.task_id for j in jobs[:3]] == [t.task_id for t in earlier]
         assert all(j.status is ka.JobStatus.SUCCEEDED for j in jobs)
+
+
+async def test_sweeps_page_past_newer_tasks_and_poll_what_they_miss() -> None:
+    """Our 25 tasks are the account's oldest, behind 1200 newer ones: sweeps page to them
+    (no single polls), and a task the list never shows is polled alone and found missing."""
+    async with Emulator(time_scale=1.0) as emu:
+        jwt = {"access_key": emu.access_key, "secret_key": emu.secret_key}
+        async with client_for(emu, **jwt) as kling:
+            ours = [await kling.text2video.create(r) for r in requests(25)]
+            others = kling.submit_many(requests(1200))
+            with anyio.fail_after(30):
+                while sum(j.task_id is not None for j in others) < 1200:
+                    await anyio.sleep(0.01)
+        lists_before = emu.stats.requests_per_route["list"]
+        async with client_for(emu, **jwt) as kling:
+            jobs = [kling.track(t.task_id) for t in ours]
+            ghost = kling.track("123456789012345678")
+            with anyio.fail_after(20):
+                while any(j.task is None for j in jobs):
+                    await anyio.sleep(0.01)
+                with pytest.raises(ka.TaskNotFoundError):
+                    await ghost.wait()
+            stats = kling.stats
+        assert stats.sweeps >= 1
+        assert stats.polls == 3  # the ghost alone, up to the misses allowed
+        assert emu.stats.requests_per_route["list"] - lists_before <= 3 * stats.sweeps
