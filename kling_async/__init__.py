@@ -15,6 +15,7 @@ The error tree is documented in :mod:`kling_async._errors`; the emulator for tes
 
 from ._auth import BearerAuth, JWTAuth
 from ._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, ClientStats, KlingClient
+from ._download import DEFAULT_MAX_BYTES, DownloadError, DownloadResult
 from ._errors import (
     AccountError,
     AmbiguousSubmissionError,
@@ -64,11 +65,13 @@ __all__ = [
     "RetryPolicy",
     "BearerAuth",
     "JWTAuth",
+    "DEFAULT_MAX_BYTES",
     # jobs
     "Job",
     "JobEvent",
     "JobStatus",
     # data
+    "DownloadResult",
     "CameraConfig",
     "CameraControl",
     "CameraType",
@@ -84,6 +87,7 @@ __all__ = [
     "AuthenticationError",
     "ClientClosedError",
     "ConcurrencyLimitError",
+    "DownloadError",
     "InvalidRequestError",
     "KlingError",
     "PolicyError",

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -17,6 +18,7 @@ from ._api import Api
 from ._auth import ENV_BASE_URL, auth_from
 from ._budget import RequestBudget
 from ._create import CreateSettings
+from ._download import DEFAULT_MAX_BYTES, DownloadResult, check_allowed_hosts, download_video
 from ._errors import KlingError, ValidationError
 from ._http import HttpTransport, Timeouts
 from ._jobs import EventHub, Job, JobEvent, as_completed
@@ -314,4 +316,45 @@ class KlingClient:
         return (
             f"KlingClient(base_url={self.base_url!r}, profile={self.profile.name!r}, "
             f"auth={self._auth.kind!r})"
+        )
+
+    # --- result files -----------------------------------------------------------------------
+
+    async def download(
+        self,
+        task: Task | str,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        allowed_hosts: Iterable[str] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> DownloadResult:
+        """Download a finished task's video to ``path``, atomically, and return its SHA-256.
+
+        ``task`` is a :class:`Task` (its first video is fetched) or a task id (the task is
+        fetched first). The file is streamed to a temporary file beside ``path``, synced and
+        renamed into place, so ``path`` never holds a partial file; parent directories are
+        created. Only ``http``/``https`` URLs are fetched, never with the API credentials;
+        ``allowed_hosts`` restricts the hosts (``".example.com"`` allows its subdomains too),
+        every redirect included; a file over ``max_bytes`` is refused. Failures a retry can
+        fix are retried with ``retry`` (default: the client's policy); an expired URL
+        (403/404/410) makes it fetch the task again for a fresh one.
+
+        Raises :class:`DownloadError`, the :class:`KlingError` of a failed task fetch, or
+        :class:`OSError` when the file cannot be written.
+        """
+        self._running()
+        allowed = check_allowed_hosts(allowed_hosts)
+        if isinstance(task, str):
+            task = await self.text2video.get(task)
+        elif not isinstance(task, Task):
+            raise ValidationError("task", task, "must be a Task or a task id")
+        return await download_video(
+            self._transport,
+            self.text2video.get,
+            task,
+            Path(path),
+            max_bytes=max_bytes,
+            allowed_hosts=allowed,
+            retry=retry or self.retry,
         )

@@ -8,17 +8,20 @@ exactly-once rule hangs on one question: could the request have reached the serv
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import attrs
+import yarl
 
 from ._errors import TransportError
 from ._retry import parse_retry_after
 from ._version import __version__
 
-__all__ = ["HttpTransport", "RawResponse", "Timeouts"]
+__all__ = ["ByteStream", "HttpTransport", "RawResponse", "Timeouts", "redact_url"]
 
 log = logging.getLogger("kling_async")
 
@@ -41,6 +44,53 @@ class RawResponse:
     body: bytes
     request_id: str | None = None
     retry_after: float | None = None
+
+
+def redact_url(url: str) -> str:
+    """``scheme://host/path`` of a URL: no user info, no query (result URLs are signed, and a
+    signature is a capability that does not belong in logs or messages)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class ByteStream:
+    """An answer whose body is read in chunks (a result file), from :meth:`HttpTransport.stream`.
+
+    Failures while reading become :class:`TransportError` (``request_sent=True``), so callers
+    handle one exception type whether the connection broke before or during the body.
+    """
+
+    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
+        self._response = response
+        self._url = url
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def content_length(self) -> int | None:
+        return self._response.content_length
+
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name)
+
+    async def chunks(self, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_chunked(size):
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransportError(
+                f"GET {self._url}: the body was cut short ({type(exc).__name__}: {exc})",
+                request_sent=True,
+            ) from exc
 
 
 class HttpTransport:
@@ -122,3 +172,38 @@ class HttpTransport:
             ) from exc
         log.debug("%s %s -> HTTP %s (%d bytes)", method, path, status, len(body))
         return RawResponse(status, body, request_id, retry_after)
+
+    @asynccontextmanager
+    async def stream(self, url: str) -> AsyncIterator[ByteStream]:
+        """GET an absolute URL (a result file) and hold the answer open to read it in chunks.
+
+        No ``Authorization`` header is sent: result files live on a CDN that may belong to a
+        third party, and the signed URL is all it needs. Redirects are not followed, so that
+        the caller can check every hop against its rules. The URL is sent exactly as given
+        (``encoded=True``): re-quoting a signed URL would break its signature.
+        """
+        shown = redact_url(url)
+        try:
+            response = await self.session.get(
+                yarl.URL(url, encoded=True),
+                allow_redirects=False,
+                headers={"Accept": "*/*"},
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise TransportError(
+                f"GET {shown}: could not connect ({type(exc).__name__})", request_sent=False
+            ) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            raise TransportError(
+                f"GET {shown}: no answer ({type(exc).__name__}: {exc})", request_sent=True
+            ) from exc
+        try:
+            log.debug("GET %s -> HTTP %s", shown, response.status)
+            yield ByteStream(response, shown)
+        finally:
+            if response.content.at_eof():
+                response.release()  # read to the end: the connection can serve the next file
+            else:
+                # Dropping a connection whose body was not read to the end beats draining the
+                # rest of a file nobody wants.
+                response.close()

@@ -39,6 +39,12 @@ def build_parser(prog: str = "python -m kling_async.testing") -> argparse.Argume
     add("--stall-seconds", type=float, default=30.0, help="how long a stalled reply waits")
     add("--url-ttl", type=float, default=None, help="emulated seconds a video URL stays valid")
     add(
+        "--download-rate",
+        type=float,
+        default=None,
+        help="bytes per real second files are served at (default: at once)",
+    )
+    add(
         "--duplicate-external-id",
         choices=("reject", "return_first", "allow"),
         default="reject",
@@ -56,6 +62,12 @@ def build_parser(prog: str = "python -m kling_async.testing") -> argparse.Argume
         action="append",
         default=None,
         help=f"accepted bearer key, repeatable (default: {DEFAULT_API_KEY})",
+    )
+    add(
+        "--admin",
+        action="store_true",
+        help="also serve /_emulator/stats, /tasks, /faults and /settings (ground truth and "
+        "knobs over HTTP, for tests driving the emulator from another process)",
     )
     add("--log-level", default="WARNING", help="logging level for stderr (default: WARNING)")
     return parser
@@ -77,6 +89,8 @@ def emulator_from_args(args: argparse.Namespace) -> Emulator:
         rate_burst=args.rate_burst,
         faults=faults,
         url_ttl=args.url_ttl,
+        download_rate=args.download_rate,
+        admin=args.admin,
         duplicate_external_id=args.duplicate_external_id,
         unknown_task=args.unknown_task,
         callbacks=args.callbacks,
@@ -108,9 +122,13 @@ async def serve(emulator: Emulator, out: TextIO) -> None:
             loop.remove_signal_handler(signum)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), serve until interrupted, return 0."""
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), serve until interrupted, return 0.
+
+    ``prog`` names the command in help and errors (``kling-async emulator`` reuses this).
+    """
+    parser = build_parser() if prog is None else build_parser(prog)
+    args = parser.parse_args(argv)
     try:
         emulator = emulator_from_args(args)
     except (TypeError, ValueError) as exc:

@@ -11,8 +11,10 @@ from typing import Any, Final, Self
 
 import aiohttp
 import anyio
+import attrs
 from aiohttp import web
 
+from ._admin import add_admin_routes
 from ._auth import Authenticator
 from ._callbacks import CallbackMode, CallbackScheduler
 from ._clock import EmulatedClock
@@ -76,6 +78,10 @@ class Emulator:
     - ``api_keys``, ``access_keys``: accepted bearer keys and access-key -> secret pairs.
     - ``wall_clock``: the time JWT ``exp``/``nbf`` are checked against (tests drive expiry).
     - ``url_ttl``: emulated seconds a video URL stays valid (``None``: forever).
+    - ``download_rate``: bytes per real second files are served at (``None``: at once), to
+      catch a client mid-download.
+    - ``admin``: also serve the control endpoints under ``/_emulator`` (ground truth and knobs
+      over HTTP, for tests that drive the emulator from another process; see ``_admin``).
     - ``host``, ``port``: a loopback address only; port 0 picks a free one.
     """
 
@@ -101,6 +107,8 @@ class Emulator:
         access_keys: Mapping[str, str] = DEFAULT_ACCESS_KEYS,
         wall_clock: Callable[[], float] = time.time,
         url_ttl: float | None = None,
+        download_rate: float | None = None,
+        admin: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -113,6 +121,7 @@ class Emulator:
         if callbacks not in ("every", "terminal", "chaotic"):
             raise ValueError(f"unknown callbacks mode {callbacks!r}")
         _check_limit(concurrency_limit)
+        _check_rate(download_rate)
 
         self._host = _loopback_host(host)
         self._port = port
@@ -139,7 +148,9 @@ class Emulator:
             forced_account_error=None,
             duplicate_external_id=duplicate_external_id,
             unknown_task=unknown_task,
+            download_rate=download_rate,
         )
+        self._admin = admin
         self._closing = asyncio.Event()
         self._stop = asyncio.Event()
         self._callbacks = CallbackScheduler(
@@ -216,8 +227,11 @@ class Emulator:
 
     async def _serve(self, ready: asyncio.Future[str]) -> None:
         """The one task that owns the server and the callback scheduler's task group."""
+        app = self._server.application()
+        if self._admin:
+            add_admin_routes(app, self)
         runner = web.AppRunner(
-            self._server.application(),
+            app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=_SHUTDOWN_TIMEOUT,
@@ -328,6 +342,47 @@ class Emulator:
     def set_faults(self, faults: Faults | None) -> None:
         """Replace the fault rates from the next request on (``None``: no faults)."""
         self._faults.faults = faults
+
+    def set_lifecycle(
+        self, *, failure_rate: float | None = None, median_duration: float | None = None
+    ) -> None:
+        """Change how tasks created from now on are drawn; tasks already created keep theirs."""
+        changes: dict[str, float] = {}
+        if failure_rate is not None:
+            changes["failure_rate"] = failure_rate
+        if median_duration is not None:
+            changes["median_duration"] = median_duration
+        self._store.lifecycle = attrs.evolve(self._store.lifecycle, **changes)
+
+    def set_download_rate(self, rate: float | None) -> None:
+        """Serve files at ``rate`` bytes per real second from now on (``None``: at once)."""
+        _check_rate(rate)
+        self._settings.download_rate = rate
+
+    def set_url_ttl(self, ttl: float | None) -> None:
+        """Video URLs handed out from now on live ``ttl`` emulated seconds (``None``: forever).
+
+        Setting a TTL also invalidates the unsigned URLs handed out before, the way an expired
+        URL stops working: the client must GET the task again for a fresh one.
+        """
+        self._links.ttl = ttl
+
+    def settings_snapshot(self) -> dict[str, Any]:
+        """The knobs a test may turn while the emulator runs, as plain values."""
+        lifecycle = self._store.lifecycle
+        return {
+            "failure_rate": lifecycle.failure_rate,
+            "median_duration": lifecycle.median_duration,
+            "concurrency_limit": self._settings.concurrency_limit,
+            "account_error": self._settings.forced_account_error,
+            "download_rate": self._settings.download_rate,
+            "url_ttl": self._links.ttl,
+        }
+
+
+def _check_rate(rate: float | None) -> None:
+    if rate is not None and not (isinstance(rate, int | float) and rate > 0):
+        raise ValueError(f"download_rate must be a number of bytes per second > 0, got {rate!r}")
 
 
 def _check_limit(limit: int | None) -> None:

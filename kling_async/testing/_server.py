@@ -71,6 +71,9 @@ class Settings:
     forced_account_error: int | None
     duplicate_external_id: DuplicatePolicy
     unknown_task: UnknownTaskStyle
+    #: Bytes per real second a file is served at (None: at once), so a test can catch a client
+    #: in the middle of a download.
+    download_rate: float | None = None
 
 
 def _reject_json_constant(name: str) -> Any:
@@ -394,7 +397,27 @@ class KlingServer:
             await response.prepare(request)
             await response.write(data[: len(data) // 2])
             return self._drop(request, response)
+        if self._settings.download_rate is not None:
+            return await self._trickle(request, data, self._settings.download_rate)
         return web.Response(body=data, content_type="video/mp4")
+
+    async def _trickle(self, request: web.Request, data: bytes, rate: float) -> web.StreamResponse:
+        """Serve ``data`` at ``rate`` bytes per real second, in twentieths of a second."""
+        response = web.StreamResponse(status=200, headers={"Content-Type": "video/mp4"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        step = max(1, int(rate / 20))
+        try:
+            for start in range(0, len(data), step):
+                await response.write(data[start : start + step])
+                with anyio.move_on_after(step / rate):
+                    await self._closing.wait()
+                if self._closing.is_set():
+                    return self._drop(request, response)
+        except ConnectionError:
+            return response  # the client went away mid-file: nothing more to do
+        await response.write_eof()
+        return response
 
 
 def _page_param(query: Mapping[str, str], name: str, default: int, upper: int) -> int:

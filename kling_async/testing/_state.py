@@ -164,6 +164,15 @@ class TaskStore:
     def __len__(self) -> int:
         return len(self._order)
 
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """How tasks created from now on are drawn (tasks already created keep their future)."""
+        return self._lifecycle
+
+    @lifecycle.setter
+    def lifecycle(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
+
     def by_external_id(self, external_task_id: str) -> EmulatedTask | None:
         """The first task created with this external id, if any."""
         task_id = self._by_external_id.get(external_task_id)

@@ -31,16 +31,30 @@ def video_sha256(seed: int, video_id: str) -> str:
     return hashlib.sha256(video_bytes(seed, video_id)).hexdigest()
 
 
+def _check_ttl(ttl: float | None) -> float | None:
+    if ttl is not None and not ttl > 0:
+        raise ValueError(f"url_ttl must be > 0 emulated seconds or None, got {ttl!r}")
+    return ttl
+
+
 class VideoLinks:
     """Builds and checks the absolute URLs put in ``task_result.videos[].url``."""
 
     def __init__(self, *, clock: EmulatedClock, ttl: float | None) -> None:
-        if ttl is not None and not ttl > 0:
-            raise ValueError(f"url_ttl must be > 0 emulated seconds or None, got {ttl!r}")
         self._clock = clock
-        self._ttl = ttl
+        self._ttl = _check_ttl(ttl)
         self._key = secrets.token_bytes(32)
         self.base_url = ""
+
+    @property
+    def ttl(self) -> float | None:
+        return self._ttl
+
+    @ttl.setter
+    def ttl(self, ttl: float | None) -> None:
+        """Change the TTL from now on; URLs handed out before without a signature stop working
+        once a TTL is set, as a CDN that starts signing would refuse them."""
+        self._ttl = _check_ttl(ttl)
 
     def _signature(self, video_id: str, expires: str) -> str:
         message = f"{video_id}:{expires}".encode()

@@ -1,0 +1,316 @@
+"""Result files, downloaded so that a crash never leaves a file that looks complete but is not.
+
+Kling's result URLs are hotlink-protected, expire, and point at a CDN the SDK does not control.
+So a download here:
+
+* streams into a temporary file next to the target (``.NAME.<random>.part``), hashing as it
+  goes, syncs it, renames it over the target with :func:`os.replace` and syncs the directory:
+  the target path holds either the old file or the complete new one, never a torn write;
+* refuses anything but ``http``/``https``, hosts outside an optional allowlist (checked on every
+  redirect hop too) and files over a size cap, before writing a byte where it can;
+* never sends the API credentials: the file host gets the signed URL and nothing else;
+* retries what a retry can fix (connection failures, cut bodies, 5xx, 429) with the client's
+  backoff, and on 403/404/410, the signs of an expired URL, fetches the task again for a
+  fresh URL instead of retrying the dead one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import suppress
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urljoin, urlsplit
+
+import anyio
+import attrs
+
+from ._errors import KlingError, TransportError, ValidationError
+from ._http import ByteStream, HttpTransport, redact_url
+from ._models import Task, Video
+from ._retry import RetryPolicy, parse_retry_after
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "PART_SUFFIX",
+    "DownloadError",
+    "DownloadResult",
+    "check_allowed_hosts",
+    "download_video",
+]
+
+log = logging.getLogger("kling_async")
+
+#: 2 GiB: far above any Kling clip (tens of MB), far below a disk-filling mistake.
+DEFAULT_MAX_BYTES = 2 * 1024**3
+#: Temporary files end with this; a crashed download leaves one behind, nothing else.
+PART_SUFFIX = ".part"
+
+_EXPIRED = frozenset({403, 404, 410})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
+#: Fresh URLs fetched per download before giving up (a URL that is dead as soon as it is
+#: issued is a server problem, not an expiry).
+_MAX_REFRESHES = 2
+
+
+class DownloadError(KlingError):
+    """A result file could not be downloaded, or was refused (scheme, host, size).
+
+    ``url`` is the URL without its query string (signatures stay out of messages) and
+    ``http_status`` the last HTTP status seen, if any.
+    """
+
+    def __init__(self, message: str, *, url: str = "", http_status: int | None = None) -> None:
+        self.url = url
+        self.http_status = http_status
+        super().__init__(message)
+
+
+@attrs.frozen
+class DownloadResult:
+    """Where a file landed, how big it is and its SHA-256 (hex), computed while streaming.
+
+    ``task`` is the snapshot whose URL worked: a fresh one if the first URL had expired.
+    """
+
+    path: Path
+    size: int
+    sha256: str
+    task: Task
+
+    @property
+    def url(self) -> str:
+        video = self.task.video
+        return video.url if video is not None else ""
+
+
+class _Expired(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def check_allowed_hosts(hosts: Iterable[str] | None) -> frozenset[str] | None:
+    """Normalise an allowlist: lower-case host names; ``.example.com`` also allows subdomains."""
+    if hosts is None:
+        return None
+    if isinstance(hosts, str):
+        raise ValidationError("allowed_hosts", hosts, "must be a collection of host names")
+    normalised = set()
+    for host in hosts:
+        if not isinstance(host, str) or not host.strip(".").strip():
+            raise ValidationError("allowed_hosts", host, "must be a host name")
+        normalised.add(host.strip().lower())
+    return frozenset(normalised)
+
+
+def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    host = host.lower().rstrip(".")
+    if host in allowed:
+        return True
+    return any(entry.startswith(".") and host.endswith(entry) for entry in allowed)
+
+
+def _check_url(url: str, allowed: frozenset[str] | None) -> None:
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        raise DownloadError(f"refusing to download from an unparsable URL {shown}") from None
+    if parts.scheme not in ("http", "https"):
+        raise DownloadError(
+            f"refusing to download from {shown}: only http and https URLs are fetched",
+            url=shown,
+        )
+    if not host:
+        raise DownloadError(f"refusing to download from {shown}: no host", url=shown)
+    if allowed is not None and not _host_allowed(host, allowed):
+        raise DownloadError(
+            f"refusing to download from {shown}: host {host!r} is not in the allowed hosts "
+            f"({', '.join(sorted(allowed))})",
+            url=shown,
+        )
+
+
+def _pick_video(task: Task, video_id: str | None) -> Video:
+    if not task.videos:
+        raise DownloadError(
+            f"task {task.task_id} has no video to download (status {task.status.value}"
+            + (f": {task.status_message}" if task.status_message else "")
+            + ")"
+        )
+    for video in task.videos:
+        if video.id == video_id:
+            return video
+    return task.videos[0]
+
+
+def _sync_file(fd: int) -> None:
+    os.fsync(fd)
+
+
+def _replace_durably(temporary: Path, target: Path) -> None:
+    """Rename into place, then sync the directory so the rename itself survives a crash."""
+    os.replace(temporary, target)
+    try:
+        directory = os.open(target.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms that cannot open directories (Windows)
+        return
+    try:
+        os.fsync(directory)
+    except OSError:  # pragma: no cover - file systems that refuse to sync a directory
+        pass
+    finally:
+        os.close(directory)
+
+
+async def _write_body(
+    stream: ByteStream, file: BinaryIO, max_bytes: int, shown: str
+) -> tuple[int, str]:
+    """Copy the body into ``file`` and sync it; return (size, sha256)."""
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in stream.chunks():
+        size += len(chunk)
+        if size > max_bytes:
+            raise DownloadError(
+                f"{shown} is larger than the {max_bytes}-byte limit; stopped", url=shown
+            )
+        digest.update(chunk)
+        file.write(chunk)
+    expected = stream.content_length
+    if expected is not None and size != expected:
+        raise _Retryable(f"{shown}: got {size} of {expected} bytes")
+    file.flush()
+    await anyio.to_thread.run_sync(_sync_file, file.fileno())
+    return size, digest.hexdigest()
+
+
+async def _save(stream: ByteStream, target: Path, max_bytes: int, shown: str) -> tuple[int, str]:
+    """Stream the body into a temporary file beside ``target``, then move it into place."""
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}{PART_SUFFIX}")
+    # os.open honours the umask (mkstemp would make the clip 0600).
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            result = await _write_body(stream, file, max_bytes, shown)
+        await anyio.to_thread.run_sync(_replace_durably, temporary, target)
+    except BaseException:
+        with suppress(OSError):
+            temporary.unlink()
+        raise
+    return result
+
+
+async def _fetch(
+    transport: HttpTransport,
+    url: str,
+    target: Path,
+    *,
+    max_bytes: int,
+    allowed: frozenset[str] | None,
+) -> tuple[int, str]:
+    """One attempt: follow up to five checked redirects, then save the body."""
+    for _hop in range(_MAX_REDIRECTS + 1):
+        _check_url(url, allowed)
+        shown = redact_url(url)
+        async with transport.stream(url) as stream:
+            status = stream.status
+            if status in _REDIRECTS:
+                location = stream.header("Location")
+                if not location:
+                    raise DownloadError(f"{shown}: HTTP {status} without a Location", url=shown)
+                url = urljoin(url, location)
+                continue
+            if status in _EXPIRED:
+                raise _Expired(status)
+            if status == 429 or status == 408 or status >= 500:
+                raise _Retryable(
+                    f"{shown}: HTTP {status}", parse_retry_after(stream.header("Retry-After"))
+                )
+            if status != 200:
+                raise DownloadError(f"{shown}: HTTP {status}", url=shown, http_status=status)
+            length = stream.content_length
+            if length is not None and length > max_bytes:
+                raise DownloadError(
+                    f"{shown} is {length} bytes, over the {max_bytes}-byte limit",
+                    url=shown,
+                    http_status=status,
+                )
+            return await _save(stream, target, max_bytes, shown)
+    raise DownloadError(f"{redact_url(url)}: more than {_MAX_REDIRECTS} redirects")
+
+
+async def download_video(
+    transport: HttpTransport,
+    refresh: Callable[[str], Awaitable[Task]],
+    task: Task,
+    path: Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    allowed_hosts: frozenset[str] | None = None,
+    retry: RetryPolicy,
+    rng: random.Random | None = None,
+) -> DownloadResult:
+    """Download ``task``'s first video (see the module docstring for every rule).
+
+    ``refresh`` fetches the task again by id (for a fresh URL). Raises :class:`DownloadError`,
+    or the :class:`KlingError` of a refresh that failed (e.g. ``TaskNotFoundError``).
+    """
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+        raise ValidationError("max_bytes", max_bytes, "must be a whole number of bytes >= 1")
+    rng = rng or random.Random()
+    video = _pick_video(task, None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + retry.timeout
+    attempt = 0
+    refreshes = 0
+    while True:
+        attempt += 1
+        try:
+            size, digest = await _fetch(
+                transport, video.url, path, max_bytes=max_bytes, allowed=allowed_hosts
+            )
+        except _Expired as expired:
+            shown = redact_url(video.url)
+            if refreshes >= _MAX_REFRESHES:
+                raise DownloadError(
+                    f"{shown}: HTTP {expired.status} even with a fresh URL from task "
+                    f"{task.task_id}; the video may have been deleted (Kling keeps them 30 days)",
+                    url=shown,
+                    http_status=expired.status,
+                ) from None
+            refreshes += 1
+            log.info(
+                "%s answered HTTP %s (expired?); fetching task %s for a fresh URL",
+                shown,
+                expired.status,
+                task.task_id,
+            )
+            task = await refresh(task.task_id)
+            video = _pick_video(task, video.id)
+            continue
+        except (TransportError, _Retryable) as exc:
+            delay = retry.delay(attempt, rng=rng, retry_after=getattr(exc, "retry_after", None))
+            if attempt >= retry.attempts or time.monotonic() + delay > deadline:
+                raise DownloadError(
+                    f"download for task {task.task_id} failed after {attempt} attempts: {exc}",
+                    url=redact_url(video.url),
+                ) from exc
+            log.info("download attempt %d failed (%s); retrying in %.2fs", attempt, exc, delay)
+            await anyio.sleep(delay)
+            continue
+        return DownloadResult(path=path, size=size, sha256=digest, task=task)

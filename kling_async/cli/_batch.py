@@ -1,0 +1,378 @@
+"""The batch runner: journal rows in, the engine in the middle, files and journal updates out.
+
+All the hard parts (limits, exactly-once creates, polling) belong to :class:`KlingClient`;
+this module only decides, per row, which of its doors to use, and writes down what happens:
+
+* a new row, or a pending row of this run: ``submit_many(...)``;
+* a pending row of an earlier run (maybe POSTed, never heard back):
+  ``submit_many(..., resume=True)``, which looks the ``external_task_id`` up before creating;
+* a row with a ``task_id``: ``track(task_id)``;
+* a row whose task succeeded but whose file is missing or does not hash to what was recorded:
+  ``download`` straight away (a dead URL makes it fetch the task for a fresh one);
+* a done row (file present, same SHA-256), a failed or a rejected row: skipped.
+
+Every job reports through ``kling.events()``; each change becomes a journal update, grouped
+with others into one transaction by :class:`JournalWriter` so the event loop never waits on
+the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import attrs
+
+from .._client import KlingClient
+from .._download import PART_SUFFIX
+from .._errors import (
+    AccountError,
+    AuthenticationError,
+    InvalidRequestError,
+    KlingError,
+    PolicyError,
+    TaskNotFoundError,
+)
+from .._jobs import Job, JobEvent, JobStatus
+from .._models import Task, TaskStatus, Video
+from .._profiles import UnknownModelWarning
+from .._retry import RetryPolicy
+from ._journal import Journal, JournalError, JournalRow, Preparation
+from ._progress import Reporter
+from ._rows import Phase, RowState
+
+__all__ = [
+    "BatchOutcome",
+    "BatchRunner",
+    "DownloadSettings",
+    "JournalWriter",
+    "remove_stale_parts",
+    "verify_done",
+]
+
+
+@attrs.frozen(kw_only=True)
+class DownloadSettings:
+    max_bytes: int
+    allowed_hosts: frozenset[str] | None = None
+    concurrency: int = 4
+    retry: RetryPolicy | None = None
+
+
+@attrs.frozen
+class BatchOutcome:
+    """``fatal`` is the account-level error that stopped submissions, if one did."""
+
+    states: tuple[RowState, ...]
+    fatal: KlingError | None
+
+
+def _sha256_of(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(1024 * 1024), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _verified(out: Path, records: Sequence[JournalRow]) -> set[str]:
+    """Keys of done rows whose file is present and hashes to what the journal recorded."""
+    good = set()
+    for record in records:
+        path = out / record.file
+        if record.size is not None and path.is_file() and path.stat().st_size != record.size:
+            continue
+        if record.sha256 is not None and _sha256_of(path) == record.sha256:
+            good.add(record.key)
+    return good
+
+
+def remove_stale_parts(out: Path) -> int:
+    """Delete temporary files a killed download left in ``out`` (ours only: ``.NNN-*.part``).
+
+    Call it only while holding the journal lock, when no download of ours can be running.
+    """
+    removed = 0
+    for path in out.glob(f".[0-9]*.mp4.*{PART_SUFFIX}"):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class JournalWriter:
+    """Buffers journal updates and writes them in one transaction at a time, in a worker
+    thread; :meth:`flush` drains everything (the runner calls it, shielded, on the way out)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._pending: dict[str, dict[str, object]] = {}
+        self._wake = anyio.Event()
+        self._lock = anyio.Lock()
+
+    def update(self, key: str, **changes: object) -> None:
+        self._pending.setdefault(key, {}).update(changes)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                try:
+                    await anyio.to_thread.run_sync(self._journal.apply, batch)
+                except BaseException as exc:
+                    # Not written (a cancellation can land before the thread starts): keep
+                    # the batch for the next flush, under anything newer for the same row.
+                    for key, changes in batch.items():
+                        self._pending[key] = {**changes, **self._pending.get(key, {})}
+                    if isinstance(exc, Exception):
+                        raise JournalError(
+                            f"cannot write the journal {self._journal.path}: {exc}; stopping, "
+                            "since a run that cannot record its tasks could not resume them"
+                        ) from exc
+                    raise
+
+
+class BatchRunner:
+    """Runs one batch with a client that is already open; see the module docstring."""
+
+    def __init__(
+        self,
+        kling: KlingClient,
+        journal: Journal,
+        preparation: Preparation,
+        states: Sequence[RowState],
+        *,
+        out: Path,
+        downloads: DownloadSettings,
+        reporter: Reporter,
+    ) -> None:
+        self._kling = kling
+        self._journal = journal
+        self._preparation = preparation
+        self.states = tuple(states)
+        self._out = out
+        self._downloads = downloads
+        self._reporter = reporter
+        self._writer = JournalWriter(journal)
+        self._by_job: dict[Job, RowState] = {}
+        self._open = 0
+        self._finished = anyio.Event()
+        self._download_slots = anyio.Semaphore(downloads.concurrency)
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self.fatal: KlingError | None = None
+
+    # --- the run ------------------------------------------------------------------------------
+
+    async def run(self) -> BatchOutcome:
+        """Drive every row to an end (or until cancelled); the journal is flushed either way."""
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                task_group.start_soon(self._writer.run)
+                await task_group.start(self._follow_events)
+                self._reporter.attach(self.states, lambda: self._kling.stats)
+                task_group.start_soon(self._reporter.run)
+                self._launch()
+                await self._finished.wait()
+                task_group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._writer.flush()
+            self._reporter.close()
+        return BatchOutcome(self.states, self.fatal)
+
+    async def _follow_events(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        # started() does not yield, and events() subscribes before its first suspension: when
+        # start() returns in run(), no job exists yet and no event can be missed.
+        task_status.started()
+        async for event in self._kling.events():
+            state = self._by_job.get(event.job)
+            if state is not None:
+                self._on_event(state, event)
+
+    def _launch(self) -> None:
+        fresh = self._preparation.fresh
+        new: list[RowState] = []
+        resumed: list[RowState] = []
+        for state in self.states:
+            if state.phase.is_final:
+                continue
+            record = state.record
+            self._open += 1
+            if record.status == "pending":
+                (new if record.key in fresh else resumed).append(state)
+            elif record.status in ("succeeded", "done") and record.video_url:
+                video = Video(id=record.video_id or "", url=record.video_url)
+                assert record.task_id is not None
+                task = Task(task_id=record.task_id, status=TaskStatus.SUCCEEDED, videos=(video,))
+                self._start_download(state, task)
+            elif record.task_id is not None:
+                state.move(Phase.SUBMITTED)
+                self._watch(state, self._kling.track(record.task_id))
+            else:  # pragma: no cover - a journal row no status explains; start it afresh
+                resumed.append(state)
+        for group, resume in ((new, False), (resumed, True)):
+            if not group:
+                continue
+            requests = [
+                attrs.evolve(state.row.request, external_task_id=state.record.external_task_id)
+                for state in group
+            ]
+            with warnings.catch_warnings():
+                # Unknown model names were reported once when the file was read.
+                warnings.simplefilter("ignore", UnknownModelWarning)
+                jobs = self._kling.submit_many(requests, resume=resume)
+            for state, job in zip(group, jobs, strict=True):
+                self._watch(state, job)
+        if self._open == 0:
+            self._finished.set()
+
+    def _watch(self, state: RowState, job: Job) -> None:
+        state.job = job
+        self._by_job[job] = state
+
+    def _finish(self, state: RowState) -> None:
+        self._open -= 1
+        if self._open <= 0:
+            self._finished.set()
+
+    # --- events -------------------------------------------------------------------------------
+
+    def _on_event(self, state: RowState, event: JobEvent) -> None:
+        task = event.task
+        changes: dict[str, object] = {}
+        if task is not None and state.task_id != task.task_id:
+            state.task_id = task.task_id
+            changes["task_id"] = task.task_id
+            if state.record.submitted_at is None:
+                # Our clock, not the task's created_at: the summary's seconds must not mix a
+                # server's (or a time-scaled emulator's) clock with ours.
+                submitted_at = time.time()
+                changes["submitted_at"] = submitted_at
+                state.record = attrs.evolve(state.record, submitted_at=submitted_at)
+        status = event.status
+        key = state.row.key
+        if status in (JobStatus.SUBMITTED, JobStatus.PROCESSING, JobStatus.UNKNOWN):
+            phase = Phase.PROCESSING if status is JobStatus.PROCESSING else Phase.SUBMITTED
+            changes["status"] = phase.value
+            self._writer.update(key, **changes)
+            if state.move(phase):
+                self._reporter.changed(state, f"{phase.value} (task {state.task_id})")
+        elif status is JobStatus.SUCCEEDED and task is not None:
+            video = task.video
+            changes.update(
+                status="succeeded",
+                video_id=video.id if video else None,
+                video_url=video.url if video else None,
+            )
+            self._writer.update(key, **changes)
+            self._start_download(state, task)
+        elif status is JobStatus.FAILED and task is not None:
+            reason = task.status_message or "the task failed (no reason given)"
+            changes.update(status="failed", error=reason, finished_at=time.time())
+            self._writer.update(key, **changes)
+            self._end(state, Phase.FAILED, reason)
+        elif status is JobStatus.ERROR:
+            self._on_error(state, event.job.error, changes)
+
+    def _on_error(
+        self, state: RowState, error: BaseException | None, changes: dict[str, object]
+    ) -> None:
+        text = str(error) if error is not None else "the job ended without a result"
+        changes["error"] = text
+        phase = Phase.ERROR
+        if isinstance(error, AccountError | AuthenticationError):
+            if self.fatal is None:
+                self.fatal = error
+                self._reporter.note(f"stopping submissions: {error}")
+        elif (
+            isinstance(error, PolicyError | InvalidRequestError)
+            and not isinstance(error, TaskNotFoundError)
+            and state.task_id is None
+        ):
+            # The server refused this request: sending it again would be refused again.
+            phase = Phase.REJECTED
+            changes.update(status="rejected", finished_at=time.time())
+        self._writer.update(state.row.key, **changes)
+        self._end(state, phase, text)
+
+    def _end(self, state: RowState, phase: Phase, message: str) -> None:
+        state.move(phase)
+        if phase is not Phase.DONE:
+            state.error = message
+        self._reporter.changed(state, f"{phase.value}: {message}")
+        self._finish(state)
+
+    # --- downloads ----------------------------------------------------------------------------
+
+    def _start_download(self, state: RowState, task: Task) -> None:
+        assert self._task_group is not None
+        state.task_id = task.task_id
+        self._task_group.start_soon(self._download, state, task)
+
+    async def _download(self, state: RowState, task: Task) -> None:
+        settings = self._downloads
+        async with self._download_slots:
+            state.move(Phase.DOWNLOADING)
+            target = self._out / state.record.file
+            try:
+                result = await self._kling.download(
+                    task,
+                    target,
+                    max_bytes=settings.max_bytes,
+                    allowed_hosts=settings.allowed_hosts,
+                    retry=settings.retry,
+                )
+            except (KlingError, OSError) as exc:
+                message = f"download failed: {exc}"
+                self._writer.update(state.row.key, error=message)
+                self._end(state, Phase.ERROR, message)
+                return
+        finished_at = time.time()
+        video = result.task.video
+        self._writer.update(
+            state.row.key,
+            status="done",
+            sha256=result.sha256,
+            size=result.size,
+            video_id=video.id if video else None,
+            video_url=result.url,
+            error=None,
+            finished_at=finished_at,
+        )
+        record = state.record
+        state.record = attrs.evolve(
+            record, status="done", sha256=result.sha256, size=result.size, finished_at=finished_at
+        )
+        submitted_at = record.submitted_at
+        took = f", {finished_at - submitted_at:.1f} s" if submitted_at is not None else ""
+        state.move(Phase.DONE)
+        self._reporter.changed(state, f"saved {record.file} ({result.size} bytes{took})")
+        self._finish(state)
+
+
+async def verify_done(out: Path, records: Mapping[str, JournalRow]) -> set[str]:
+    """Keys of done rows to skip (their files checked in a worker thread)."""
+    done = [record for record in records.values() if record.status == "done"]
+    if not done:
+        return set()
+    return await anyio.to_thread.run_sync(_verified, out, done)

@@ -1,0 +1,83 @@
+"""``batch --dry-run``: what a run would do, from the file and the journal; nothing is sent,
+nothing is created (not even the journal or the output directory)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from ._journal import JournalError, JournalRow, existing_rows
+from ._prompts import PromptFile
+from ._run import EXIT_OK, EXIT_USAGE, say
+from ._settings import NO_KEY_HINT, BatchSettings
+
+__all__ = ["show_plan"]
+
+_ROWS_SHOWN = 20
+
+
+def _step(settings: BatchSettings, record: JournalRow | None, request_hash: str) -> str:
+    if record is None:
+        return "submit"
+    if record.request_hash != request_hash:
+        return "changed (not sent)"
+    if record.status == "done" and (settings.out / record.file).is_file():
+        return "done (skip)"
+    if record.status in ("failed", "rejected"):
+        return "submit again" if settings.retry_failed else f"{record.status} (skip)"
+    if record.task_id is not None or record.video_url:
+        return "follow or download"
+    return "resume (look up by external id, submit if absent)"
+
+
+def show_plan(settings: BatchSettings, prompt_file: PromptFile, console: Console) -> int:
+    try:
+        found = existing_rows(settings.journal)
+    except JournalError as exc:
+        say(f"error: {exc}")
+        return EXIT_USAGE
+    meta, records = found if found is not None else ({}, {})
+    known_backend = meta.get("backend")
+    if known_backend is not None and known_backend != settings.backend:
+        say(
+            f"error: {settings.journal} belongs to a batch run against {known_backend}, "
+            f"not {settings.backend}; use another --out directory"
+        )
+        return EXIT_USAGE
+    rows = prompt_file.rows
+    plan = Counter(_step(settings, records.get(row.key), row.request_hash) for row in rows)
+    journal = "new" if found is None else f"batch {meta.get('batch_id')}"
+
+    def print_(*objects: object, markup: bool = True) -> None:
+        console.print(*objects, markup=markup, soft_wrap=True)
+
+    print_(f"dry run: {len(rows)} rows in {prompt_file.path}; nothing sent", markup=False)
+    print_(
+        f"backend {settings.backend} ({settings.profile.name} rules); journal "
+        f"{settings.journal} ({journal}); clips into {settings.out}/",
+        markup=False,
+    )
+    print_("plan: " + ", ".join(f"{count} {step}" for step, count in plan.items()), markup=False)
+    table = Table(header_style="bold")
+    for column in ("row", "line", "model", "mode", "sec", "ratio"):
+        table.add_column(column, no_wrap=True, min_width=len(column))
+    table.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=console.width - 50)
+    for row in rows[:_ROWS_SHOWN]:
+        request = row.request
+        table.add_row(
+            str(row.number),
+            str(row.line),
+            request.effective_model,
+            request.effective_mode,
+            request.effective_duration,
+            request.aspect_ratio or "16:9",
+            " ".join(request.prompt.split()),
+        )
+    console.print(table)
+    if len(rows) > _ROWS_SHOWN:
+        print_(f"... and {len(rows) - _ROWS_SHOWN} more rows", markup=False)
+    if settings.credentials is None and not settings.emulator:
+        say(f"note: a real run needs a key: {NO_KEY_HINT}")
+    return EXIT_OK

@@ -1,0 +1,95 @@
+"""Where each row of a running batch stands, as the progress display and the summary see it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import Counter
+from collections.abc import Iterable
+
+import attrs
+
+from .._jobs import Job
+from ._journal import JournalRow
+from ._prompts import PromptRow
+
+__all__ = ["GROUPS", "Phase", "RowState", "tally"]
+
+
+class Phase(enum.StrEnum):
+    WAITING = "waiting"  # queued behind the client's limits
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    PROCESSING = "processing"
+    DOWNLOADING = "downloading"
+    DONE = "done"
+    FAILED = "failed"  # the task failed
+    REJECTED = "rejected"  # the request was refused
+    ERROR = "error"  # stopped short (download, account, lost task): a rerun tries again
+    CHANGED = "changed"  # differs from the journal: not sent
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+    @property
+    def group(self) -> str:
+        return _GROUP[self]
+
+
+_FINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.REJECTED, Phase.ERROR, Phase.CHANGED})
+_GROUP = {
+    Phase.WAITING: "queued",
+    Phase.SUBMITTING: "queued",
+    Phase.SUBMITTED: "running",
+    Phase.PROCESSING: "running",
+    Phase.DOWNLOADING: "downloading",
+    Phase.DONE: "done",
+    Phase.FAILED: "failed",
+    Phase.REJECTED: "failed",
+    Phase.ERROR: "failed",
+    Phase.CHANGED: "changed",
+}
+#: Display order of the groups.
+GROUPS = ("done", "running", "downloading", "queued", "failed", "changed")
+
+
+@attrs.define
+class RowState:
+    """One row during a run: mutable, owned by the batch runner, read by the display."""
+
+    row: PromptRow
+    record: JournalRow
+    phase: Phase
+    since: float = attrs.field(factory=time.monotonic)
+    task_id: str | None = None
+    error: str | None = None
+    job: Job | None = None
+    #: Finished before this run started (skipped, not counted in this run's speed).
+    earlier: bool = False
+    #: When this run started working on the row (monotonic), for the live view.
+    active_since: float | None = None
+
+    def move(self, phase: Phase) -> bool:
+        """Enter ``phase``; False if already there."""
+        if phase is self.phase:
+            return False
+        self.phase = phase
+        self.since = time.monotonic()
+        if self.active_since is None and self.active:
+            self.active_since = self.since
+        return True
+
+    @property
+    def active(self) -> bool:
+        return self.phase in (
+            Phase.SUBMITTING,
+            Phase.SUBMITTED,
+            Phase.PROCESSING,
+            Phase.DOWNLOADING,
+        )
+
+
+def tally(states: Iterable[RowState]) -> Counter[str]:
+    """Rows per display group."""
+    return Counter(state.phase.group for state in states)

@@ -1,0 +1,271 @@
+"""``kling-async batch``: the journal, the run, the summary, and how a run ends.
+
+Order matters, and is the crash-safety argument:
+
+1. the whole file was validated (by the caller) before this module runs;
+2. the journal is opened under a lock and reconciled with the file in one synced transaction
+   (every row and its ``external_task_id`` on disk) before the client even starts;
+3. the runner submits, follows and downloads, recording as it goes;
+4. however the run ends (finished, account stopped, Ctrl-C), the pending journal updates are
+   flushed, ``summary.json`` is written and the exit status says which of those it was.
+
+SIGINT and SIGTERM cancel the run cleanly (every background task of the client lives in its
+scope); a second Ctrl-C during that short cleanup is not needed and not special.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections import Counter
+from collections.abc import Callable
+
+import anyio
+import attrs
+from rich.console import Console
+
+from .._errors import KlingError
+from ._batch import BatchRunner, remove_stale_parts, verify_done
+from ._journal import TERMINAL, Journal, JournalError, JournalRow, Preparation
+from ._progress import LiveProgress, PlainProgress, Reporter
+from ._prompts import PromptFile
+from ._rows import Phase, RowState
+from ._settings import BatchSettings, open_client
+from ._summary import SUMMARY_NAME, build_summary, render_summary, write_summary
+
+__all__ = [
+    "EXIT_ACCOUNT",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_SOME_FAILED",
+    "EXIT_USAGE",
+    "run_batch",
+    "say",
+]
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ACCOUNT = 3
+EXIT_INTERRUPTED = 130
+
+
+def say(text: str) -> None:
+    """A line on stderr: errors, warnings, notes (stdout is for progress and the summary)."""
+    sys.stderr.write(text.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def _interrupted_hint(settings: BatchSettings) -> str:
+    return f"interrupted; rerun the same command to resume (journal: {settings.journal})"
+
+
+@attrs.define
+class _Run:
+    """What one run has got to, filled in as it goes so an interrupted run can be summarised."""
+
+    preparation: Preparation | None = None
+    states: list[RowState] = attrs.Factory(list)
+    fatal: KlingError | None = None
+    interrupted: bool = False
+
+
+def restart_rule(settings: BatchSettings, verified: set[str]) -> Callable[[JournalRow], bool]:
+    """Which journal rows start over as a new attempt (a new task, a new external id)."""
+
+    def restart(record: JournalRow) -> bool:
+        if settings.retry_failed and record.status in ("failed", "rejected"):
+            return True
+        # An in-process emulator dies with its run: the tasks and URLs of an earlier run are
+        # gone, so what is not safely on disk starts over (no account is billed).
+        return settings.emulator and (
+            record.status not in TERMINAL
+            or (record.status == "done" and record.key not in verified)
+        )
+
+    return restart
+
+
+def _states(
+    prompt_file: PromptFile, preparation: Preparation, verified: set[str], retry: bool
+) -> list[RowState]:
+    changed = {row.key: known for row, known in preparation.changed}
+    states = []
+    for row in prompt_file.rows:
+        if row.key in changed:
+            states.append(RowState(row, changed[row.key], Phase.CHANGED, earlier=True))
+            continue
+        record = preparation.rows[row.key]
+        state = RowState(row, record, Phase.WAITING, task_id=record.task_id)
+        if record.status == "done" and record.key in verified:
+            state.phase, state.earlier = Phase.DONE, True
+        elif record.status in ("failed", "rejected") and not retry:
+            state.phase, state.earlier = Phase(record.status), True
+            state.error = record.error
+        states.append(state)
+    return states
+
+
+def _report_preparation(preparation: Preparation) -> None:
+    for row, _known in preparation.changed[:10]:
+        say(
+            f"warning: row {row.number} (line {row.line}) differs from the request journaled "
+            "for it by an earlier run, so it is not sent (its first version may already be "
+            "billed): undo the change, or put changed prompts in a new file with another --out"
+        )
+    if len(preparation.changed) > 10:
+        say(f"warning: ... and {len(preparation.changed) - 10} more changed rows")
+    if preparation.orphans:
+        numbers = ", ".join(str(row.number) for row in preparation.orphans[:10])
+        say(
+            f"note: the journal has {len(preparation.orphans)} rows the file no longer has "
+            f"(rows {numbers}); they are left as they are"
+        )
+
+
+def _opening(states: list[RowState], journal: Journal) -> str:
+    """``12 rows (batch 2afab8bd65a3): 10 done earlier, 2 to do``."""
+    earlier = Counter(state.phase.value for state in states if state.earlier)
+    to_do = len(states) - sum(earlier.values())
+    parts = [
+        f"{count} {phase} (not sent)" if phase == "changed" else f"{count} {phase} earlier"
+        for phase, count in sorted(earlier.items())
+    ]
+    parts.append(f"{to_do} to do")
+    return f"{len(states)} rows (batch {journal.batch_id}): " + ", ".join(parts)
+
+
+def _reporter(settings: BatchSettings, console: Console) -> Reporter:
+    live = settings.progress == "live" or (settings.progress == "auto" and console.is_terminal)
+    return LiveProgress(console) if live else PlainProgress()
+
+
+async def _watch_signals(scope: anyio.CancelScope, run: _Run) -> None:
+    """Turn SIGINT / SIGTERM into a clean cancellation of the run. Only the first: a second
+    Ctrl-C during the short cleanup interrupts it the usual way."""
+    try:
+        receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        with receiver as signals:
+            async for _signum in signals:
+                run.interrupted = True
+                scope.cancel()
+                return
+    except NotImplementedError:  # pragma: no cover - Windows: KeyboardInterrupt does it
+        return
+
+
+async def _execute(
+    settings: BatchSettings,
+    prompt_file: PromptFile,
+    journal: Journal,
+    console: Console,
+    run: _Run,
+) -> int | None:
+    """Steps 2 and 3 of the module docstring; an exit status for problems found first."""
+    verified = await verify_done(settings.out, journal.rows())
+    try:
+        preparation = journal.prepare(
+            prompt_file.rows,
+            backend=settings.backend,
+            prompts=str(prompt_file.path),
+            restart=restart_rule(settings, verified),
+        )
+    except JournalError as exc:
+        say(f"error: {exc}")
+        return EXIT_USAGE
+    run.preparation = preparation
+    _report_preparation(preparation)
+    remove_stale_parts(settings.out)
+    run.states = _states(prompt_file, preparation, verified, settings.retry_failed)
+    reporter = _reporter(settings, console)
+    if settings.emulator:
+        reporter.note("using the built-in emulator: no account needed, placeholder clips")
+    reporter.note(_opening(run.states, journal))
+    async with open_client(settings) as kling:
+        runner = BatchRunner(
+            kling,
+            journal,
+            preparation,
+            run.states,
+            out=settings.out,
+            downloads=settings.downloads,
+            reporter=reporter,
+        )
+        outcome = await runner.run()
+        run.fatal = outcome.fatal
+    return None
+
+
+async def run_batch(settings: BatchSettings, prompt_file: PromptFile, console: Console) -> int:
+    """Run a validated batch to its end; return the exit status."""
+    try:
+        journal = Journal.open(settings.journal)
+    except JournalError as exc:
+        say(f"error: {exc}")
+        return EXIT_USAGE
+    run = _Run()
+    status: int | None = None
+    try:
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(_watch_signals, task_group.cancel_scope, run)
+            status = await _execute(settings, prompt_file, journal, console, run)
+            task_group.cancel_scope.cancel()
+        if status is not None:
+            return status
+        if run.preparation is None:  # interrupted before the journal was reconciled
+            say(_interrupted_hint(settings))
+            return EXIT_INTERRUPTED
+        return _finish(settings, prompt_file, journal, run, console)
+    finally:
+        journal.close()
+
+
+def _finish(
+    settings: BatchSettings,
+    prompt_file: PromptFile,
+    journal: Journal,
+    run: _Run,
+    console: Console,
+) -> int:
+    assert run.preparation is not None
+    changed = {
+        row.key: "differs from the request an earlier run journaled for this row; not sent"
+        for row, _ in run.preparation.changed
+    }
+    errored = {
+        state.row.key: state.error or "error" for state in run.states if state.phase is Phase.ERROR
+    }
+    summary = build_summary(prompt_file.rows, journal.rows(), changed=changed, errored=errored)
+    summary_path = settings.out / SUMMARY_NAME
+    write_summary(
+        summary_path,
+        summary,
+        batch_id=journal.batch_id,
+        prompts=str(prompt_file.path),
+        journal=str(settings.journal),
+        interrupted=run.interrupted,
+    )
+    render_summary(console, summary)
+    if run.interrupted:
+        say(_interrupted_hint(settings))
+        return EXIT_INTERRUPTED
+    console.print(f"clips in {settings.out}/, summary in {summary_path}", markup=False)
+    if run.fatal is not None:
+        say(
+            f"error: the account cannot create tasks ({run.fatal}); fix it, then rerun the "
+            "same command to resume"
+        )
+        return EXIT_ACCOUNT
+    unfinished = sum(row.status != "done" for row in summary)
+    if not unfinished:
+        return EXIT_OK
+    say(
+        f"{unfinished} rows did not finish (see {summary_path}); rerunning the same command "
+        "retries errors and resumes unfinished rows (failed rows need --retry-failed)"
+    )
+    return EXIT_SOME_FAILED
+
+
+def interrupted_before_start(settings: BatchSettings) -> int:
+    say(_interrupted_hint(settings))
+    return EXIT_INTERRUPTED
