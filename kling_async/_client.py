@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 import anyio
 import anyio.abc
@@ -20,7 +20,7 @@ from ._budget import RequestBudget
 from ._create import CreateSettings
 from ._download import DEFAULT_MAX_BYTES, DownloadResult, check_allowed_hosts, download_video
 from ._errors import KlingError, ValidationError
-from ._http import HttpTransport, Timeouts
+from ._http import HttpTransport, Timeouts, redact_url
 from ._jobs import EventHub, Job, JobEvent, as_completed
 from ._models import Task, Text2VideoRequest
 from ._poll import PollPolicy
@@ -97,7 +97,7 @@ class KlingClient:
         retry: RetryPolicy | None = None,
         poll: PollPolicy | None = None,
         settle_window: float = 5.0,
-        external_id_lookup: ExternalIdLookup | None = "query",
+        external_id_lookup: ExternalIdLookup | Literal["profile"] | None = "profile",
         max_connections: int = 100,
         max_active_tasks: int | None = None,
         max_concurrent_submits: int = 4,
@@ -114,6 +114,8 @@ class KlingClient:
             )
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValidationError("base_url", base_url, "must be an http:// or https:// URL")
+        if external_id_lookup == "profile":
+            external_id_lookup = self.profile.external_id_lookup
         if external_id_lookup is not None and external_id_lookup not in _LOOKUP_FORMS:
             raise ValidationError(
                 "external_id_lookup", external_id_lookup, f"must be one of {_LOOKUP_FORMS} or None"
@@ -127,6 +129,16 @@ class KlingClient:
         if not isinstance(settle_window, int | float) or settle_window < 0:
             raise ValidationError(
                 "settle_window", settle_window, "must be a number of seconds >= 0"
+            )
+        _check_count("max_active_tasks", max_active_tasks, optional=True)
+        _check_count("max_concurrent_submits", max_concurrent_submits)
+        _check_count("pollers", pollers)
+        _check_count("max_connections", max_connections)
+        if max_requests_per_second is not None and not (
+            isinstance(max_requests_per_second, int | float) and max_requests_per_second > 0
+        ):
+            raise ValidationError(
+                "max_requests_per_second", max_requests_per_second, "must be > 0, or None"
             )
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
@@ -144,7 +156,7 @@ class KlingClient:
             before_request=self._budget.acquire,
             on_rate_limited=self._rate_limited,
         )
-        lookup = external_id_lookup if self.profile.external_id_lookup is not None else None
+        lookup = external_id_lookup
         self.text2video = Text2VideoResource(
             self._api,
             _TEXT2VIDEO_PATH,
@@ -314,8 +326,8 @@ class KlingClient:
 
     def __repr__(self) -> str:
         return (
-            f"KlingClient(base_url={self.base_url!r}, profile={self.profile.name!r}, "
-            f"auth={self._auth.kind!r})"
+            f"KlingClient(base_url={redact_url(self.base_url)!r}, "
+            f"profile={self.profile.name!r}, auth={self._auth.kind!r})"
         )
 
     # --- result files -----------------------------------------------------------------------

@@ -27,10 +27,13 @@ import attrs
 
 from ._api import Api
 from ._errors import (
+    AccountError,
     AmbiguousSubmissionError,
+    AuthenticationError,
     ConcurrencyLimitError,
     InvalidRequestError,
     KlingError,
+    PolicyError,
     ResponseDecodeError,
     ServerError,
     TaskNotFoundError,
@@ -126,15 +129,21 @@ async def create_task(
             task = structure_task(data)
         except ConcurrencyLimitError as exc:
             if not settings.retry_concurrency:
+                if ambiguous is not None:
+                    # The caller retries later; it must know a task may already exist.
+                    raise AmbiguousSubmissionError(external_task_id, ambiguous) from exc
                 raise
             failure: KlingError = exc
-        except InvalidRequestError:
+        except (InvalidRequestError, AccountError, AuthenticationError, PolicyError) as exc:
             if ambiguous is not None:
-                # An earlier attempt may have created the task, and this one was refused as a
-                # repeat of its external_task_id: find the first one rather than fail.
+                # An earlier attempt may have created (and billed) the task, and this verdict
+                # may be about the repeat (a refused duplicate external_task_id, or the
+                # resource pack the first task used up): find the first task before failing.
                 found = await _settle(lookup, external_task_id, 0, ambiguous, api.rng)
                 if found is not None:
                     return found
+                if isinstance(exc, InvalidRequestError):
+                    raise AmbiguousSubmissionError(external_task_id, ambiguous) from exc
             raise
         except (TransportError, ThrottledError, ServerError, ResponseDecodeError) as exc:
             failure = exc

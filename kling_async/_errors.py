@@ -27,6 +27,7 @@ enough to ask Kling's support about it, and never a key, secret or token.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from ._models import Task
@@ -50,6 +51,7 @@ __all__ = [
     "ValidationError",
     "WaitTimeoutError",
     "api_error_class",
+    "redact_url",
     "short_repr",
 ]
 
@@ -67,6 +69,20 @@ def snippet(body: bytes | str, limit: int = _SNIPPET) -> str:
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def redact_url(url: str) -> str:
+    """``scheme://host/path`` of a URL: no user info, no query (result URLs are signed, and a
+    signature is a capability that does not belong in logs or messages)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 class KlingError(Exception):

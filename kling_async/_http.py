@@ -11,13 +11,12 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import attrs
 import yarl
 
-from ._errors import TransportError
+from ._errors import TransportError, redact_url
 from ._retry import parse_retry_after
 from ._version import __version__
 
@@ -44,20 +43,6 @@ class RawResponse:
     body: bytes
     request_id: str | None = None
     retry_after: float | None = None
-
-
-def redact_url(url: str) -> str:
-    """``scheme://host/path`` of a URL: no user info, no query (result URLs are signed, and a
-    signature is a capability that does not belong in logs or messages)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparsable URL>"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 class ByteStream:

@@ -189,10 +189,11 @@ class Job:
             return
         self.error = error
         self._status = JobStatus.ERROR
-        self._announce(self.task)
+        # The snapshot is not new: updates() already had it, so only the event carries it.
+        self._announce(self.task, new_snapshot=False)
 
-    def _announce(self, task: Task | None) -> None:
-        if task is not None and self._feeds:
+    def _announce(self, task: Task | None, *, new_snapshot: bool = True) -> None:
+        if new_snapshot and task is not None and self._feeds:
             for feed in self._feeds:
                 feed.push(task)
         self._hub.publish(JobEvent(self, task, self._status))
@@ -255,15 +256,20 @@ class Job:
                 self._feeds = None
         self._hub.listening.discard(feed)
 
-    async def updates(self) -> AsyncIterator[Task]:
+    def updates(self) -> AsyncIterator[Task]:
         """Each status change once, in order, starting with the current snapshot; ends after
-        the terminal one (or when the client closes)."""
-        if self.task is not None:
-            yield self.task
-        if self.done or self._hub.closed:
-            return
+        the terminal one (or when the client closes). Listening starts at the call, so no
+        change between the call and the first iteration is missed."""
         feed: _Feed[Task] = _Feed()
-        self._attach(feed)
+        if self.task is not None:
+            feed.items.append(self.task)
+        if self.done or self._hub.closed:
+            feed.close()
+        else:
+            self._attach(feed)
+        return self._drain(feed)
+
+    async def _drain(self, feed: _Feed[Task]) -> AsyncIterator[Task]:
         try:
             async for task in feed:
                 yield task
@@ -285,17 +291,23 @@ class EventHub:
         for feed in self._subscribers:
             feed.push(event)
 
-    async def events(self) -> AsyncIterator[JobEvent]:
-        if self.closed:
-            return
+    def events(self) -> AsyncIterator[JobEvent]:
+        """Every event from this call on (listening starts now, not at the first iteration)."""
         feed: _Feed[JobEvent] = _Feed()
-        self._subscribers.append(feed)
-        self.listening.add(feed)
+        if self.closed:
+            feed.close()
+        else:
+            self._subscribers.append(feed)
+            self.listening.add(feed)
+        return self._drain(feed)
+
+    async def _drain(self, feed: _Feed[JobEvent]) -> AsyncIterator[JobEvent]:
         try:
             async for event in feed:
                 yield event
         finally:
-            self._subscribers.remove(feed)
+            if feed in self._subscribers:
+                self._subscribers.remove(feed)
             self.listening.discard(feed)
 
     def close(self) -> None:
@@ -304,25 +316,38 @@ class EventHub:
             feed.close()
 
 
-async def as_completed(hub: EventHub, jobs: Iterable[Job]) -> AsyncIterator[Job]:
-    """Yield each job as it ends, in the order they end; stop early if the client closes."""
+def as_completed(hub: EventHub, jobs: Iterable[Job]) -> AsyncIterator[Job]:
+    """Yield each job as it ends, in the order they end; stop early if the client closes.
+
+    Listening starts at the call: a job that ends before the first iteration is not missed.
+    """
     pending = list(dict.fromkeys(jobs))
     feed: _Feed[Job] = _Feed()
+    left = len(pending)
+
+    def finished(job: Job) -> None:
+        nonlocal left
+        feed.push(job)
+        left -= 1
+        if not left:
+            feed.close()
+
     for job in pending:
-        job._on_done(feed.push)
-    remaining = len(pending)
-    if not remaining:
-        return
-    hub.listening.add(feed)
-    if hub.closed:
+        job._on_done(finished)
+    if not pending or hub.closed:
         feed.close()
+    elif not feed.closed:
+        hub.listening.add(feed)
+    return _drain_completed(hub, feed, pending, finished)
+
+
+async def _drain_completed(
+    hub: EventHub, feed: _Feed[Job], pending: list[Job], finished: Callable[[Job], None]
+) -> AsyncIterator[Job]:
     try:
         async for job in feed:
             yield job
-            remaining -= 1
-            if not remaining:
-                return
     finally:
         hub.listening.discard(feed)
         for job in pending:
-            job._remove_done_callback(feed.push)
+            job._remove_done_callback(finished)

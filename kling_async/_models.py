@@ -9,6 +9,7 @@ before the first network call.
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Mapping
 from datetime import datetime
@@ -16,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from ._errors import ValidationError
+from ._errors import ValidationError, redact_url
 
 __all__ = [
     "AXES",
@@ -244,7 +245,19 @@ def _freeze_extra(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise ValidationError("extra", value, "must be a mapping of field name to JSON value")
+    for key, item in value.items():
+        try:
+            json.dumps(item, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            raise ValidationError(
+                f"extra.{key}", item, "must be a JSON value (str, number, bool, None, list, dict)"
+            ) from None
     return dict(value)
+
+
+def _redacted(url: str | None) -> str:
+    """A URL for a repr: callback URLs carry a secret token, result URLs a signature."""
+    return "None" if url is None else repr(redact_url(url) + ("?***" if "?" in url else ""))
 
 
 _DECLARED = (
@@ -282,7 +295,9 @@ class Text2VideoRequest:
     )
     duration: str | None = attrs.field(default=None, converter=_to_duration)
     camera_control: CameraControl | None = attrs.field(default=None, converter=_to_camera_control)
-    callback_url: str | None = attrs.field(default=None, validator=_check_callback_url)
+    callback_url: str | None = attrs.field(
+        default=None, validator=_check_callback_url, repr=lambda _url: "***" if _url else "None"
+    )
     external_task_id: str | None = attrs.field(
         default=None, validator=_check_optional_str("external_task_id")
     )
@@ -315,9 +330,9 @@ class Video:
     """One result video. ``url`` is hotlink-protected and deleted after 30 days: download it."""
 
     id: str
-    url: str
+    url: str = attrs.field(repr=_redacted)
     duration: float | None = None
-    watermark_url: str | None = None
+    watermark_url: str | None = attrs.field(default=None, repr=_redacted)
 
 
 @attrs.frozen(kw_only=True)

@@ -21,7 +21,13 @@ import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import AccountError, AuthenticationError, KlingError, TaskNotFoundError
+from ._errors import (
+    AccountError,
+    AuthenticationError,
+    InvalidRequestError,
+    KlingError,
+    TaskNotFoundError,
+)
 from ._jobs import Job
 from ._models import Task
 from ._poll import PollPolicy
@@ -36,6 +42,8 @@ _PAGE_SIZE = 500
 _MAX_PAGE = 1000  # the list endpoint's pageNum range is 1..1000
 #: A task reported missing this many times in a row is given up (fresh tasks may lag the index).
 _MISSES_ALLOWED = 3
+#: Poll rounds (each already retried) that may fail in a row before a job ends with the error.
+_FAILURES_ALLOWED = 10
 #: Tasks of a list page applied between two yields to the event loop.
 _YIELD_EVERY = 100
 
@@ -71,6 +79,8 @@ class PollerPool:
         self._last_sweep = -math.inf
         #: Jobs the last sweep looked for and did not find: they are polled one by one.
         self._missed_by_sweep: set[Job] = set()
+        self._sweep_failures = 0
+        self._sweeps_paused_until = -math.inf
         #: task_id -> job, for every job being followed.
         self.following: dict[str, Job] = {}
         self.polls = 0
@@ -154,16 +164,30 @@ class PollerPool:
                     await self._sweeping.wait()
                 if token != job.poll_token or job.done:
                     continue
-                if not self._sweeping_on() or job in self._missed_by_sweep:
-                    await self._poll(job)
-                elif (wait := self._last_sweep + self.policy.min_interval - time.monotonic()) > 0:
-                    # A sweep covers everyone soon: it is cheaper than a poll of its own.
-                    self._schedule(job, time.monotonic() + wait)
-                else:
-                    await self._sweep(job)
+                try:
+                    await self._serve(job)
+                except Exception:
+                    # A bug must not take every other task down with it: log it loudly and
+                    # keep following this task, more slowly.
+                    log.exception("following task %s failed unexpectedly", job.task_id)
+                    if not job.done:
+                        self._schedule(job, time.monotonic() + self.policy.max_interval)
+
+    async def _serve(self, job: Job) -> None:
+        if not self._sweeping_on() or job in self._missed_by_sweep:
+            await self._poll(job)
+        elif (wait := self._last_sweep + self.policy.min_interval - time.monotonic()) > 0:
+            # A sweep covers everyone soon: it is cheaper than a poll of its own.
+            self._schedule(job, time.monotonic() + wait)
+        else:
+            await self._sweep(job)
 
     def _sweeping_on(self) -> bool:
-        return self._list_sweep and len(self.following) >= self._sweep_threshold
+        return (
+            self._list_sweep
+            and len(self.following) >= self._sweep_threshold
+            and time.monotonic() >= self._sweeps_paused_until
+        )
 
     async def _poll(self, job: Job) -> None:
         assert job.task_id is not None
@@ -177,11 +201,17 @@ class PollerPool:
             else:
                 self._schedule(job, time.monotonic() + self.policy.min_interval * 2**misses)
             return
-        except (AuthenticationError, AccountError) as exc:
+        except (AuthenticationError, AccountError, InvalidRequestError) as exc:
+            # A verdict about this task or this account: asking again cannot change it.
             self._end(job, exc)
             return
         except KlingError as exc:
-            # Retries for this poll ran out; the task is not lost, just looked at later.
+            # Retries for this poll ran out; the task is not lost, just looked at later, and
+            # given up (its task_id kept on the job) only after many such rounds in a row.
+            failures = self._misses[job] = self._misses.get(job, 0) + 1
+            if failures >= _FAILURES_ALLOWED:
+                self._end(job, exc)
+                return
             log.warning("poll of task %s failed (%s); trying again later", job.task_id, exc)
             self._schedule(job, time.monotonic() + self.policy.max_interval)
             return
@@ -189,6 +219,8 @@ class PollerPool:
         self._apply(job, task, time.monotonic())
 
     def _apply(self, job: Job, task: Task, observed_at: float) -> None:
+        if job.task_id is None or self.following.get(job.task_id) is not job:
+            return  # already finished (a sweep and a poll can both see the end)
         job._observe(task)
         age = observed_at - job.started_at
         if task.is_terminal:
@@ -201,6 +233,8 @@ class PollerPool:
             self._schedule_next(job, age)
 
     def _end(self, job: Job, error: BaseException) -> None:
+        if job.task_id is None or self.following.get(job.task_id) is not job:
+            return
         job._fail(error)
         self._finish(job)
 
@@ -241,8 +275,17 @@ class PollerPool:
             self.sweeps += 1
             following = self.following
             self._missed_by_sweep = {following[i] for i in wanted - seen if i in following}
+        except InvalidRequestError as exc:
+            # The backend refuses the list endpoint (a gateway without it): stop trying.
+            log.warning("list sweeps refused (%s); polling tasks one by one from now on", exc)
+            self._list_sweep = False
         except KlingError as exc:
-            log.warning("list sweep failed (%s); polling tasks one by one", exc)
+            self._sweep_failures += 1
+            pause = min(600.0, self.policy.max_interval * 2 ** (self._sweep_failures - 1))
+            self._sweeps_paused_until = time.monotonic() + pause
+            log.warning("list sweep failed (%s); polling one by one for %.0f s", exc, pause)
+        else:
+            self._sweep_failures = 0
         finally:
             self._last_sweep = time.monotonic()
             self._sweeping = None

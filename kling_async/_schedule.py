@@ -154,7 +154,8 @@ class DurationModel:
         plan = self.plan()
         k = bisect.bisect_right(plan, age + self.min_interval * 0.5)
         if k < len(plan):
-            return max(plan[k], age + self.min_interval)
+            # The grid of a very wide class can be coarser than max_interval: never wait longer.
+            return min(max(plan[k], age + self.min_interval), age + self.max_interval)
         last = plan[-1] if plan else 0.0
         overrun = max(0.0, age - last)
         return age + min(self.max_interval, max(self.min_interval, overrun / 2))

@@ -42,6 +42,8 @@ log = logging.getLogger("kling_async")
 _FIRST_PROBE_AFTER = 4
 #: Rounds a job whose create stays ambiguous is queued again (each starts with a lookup).
 _AMBIGUOUS_ROUNDS = 6
+#: Rounds a job whose create cannot reach the server is queued again before it fails.
+_UNREACHABLE_ROUNDS = 8
 
 
 class AdaptiveLimit:
@@ -55,6 +57,9 @@ class AdaptiveLimit:
         self.active = 0
         self.peak_active = 0
         self.throttled = 0  # 1303 answers seen
+        #: No create starts before this instant (after a 1303 while we hold no slot at all).
+        self.not_before = 0.0
+        self._idle_throttles = 0
         self._successes = 0
         self._probe_after = _FIRST_PROBE_AFTER
         self._probing = False
@@ -69,8 +74,13 @@ class AdaptiveLimit:
             await self._changed.wait()
 
     async def acquire(self) -> None:
-        while self.active >= self.limit:
-            await self.wait_changed()
+        while True:
+            if (pause := self.not_before - time.monotonic()) > 0:
+                await self.wait_changed(at_most=pause)
+            elif self.active >= self.limit:
+                await self.wait_changed()
+            else:
+                break
         self.hold()
 
     def hold(self) -> None:
@@ -79,10 +89,14 @@ class AdaptiveLimit:
         self.peak_active = max(self.peak_active, self.active)
 
     def release(self) -> None:
+        if self.active <= 0:
+            log.error("slot released twice; the count stays at zero")
+            return
         self.active -= 1
         self._notify()
 
     def on_success(self) -> None:
+        self._idle_throttles = 0
         if self.active < self.limit or self.limit >= self.ceiling:
             return
         self._successes += 1
@@ -92,17 +106,21 @@ class AdaptiveLimit:
             self.limit += 1
             self._notify()
 
-    def on_concurrency_limit(self) -> None:
+    def on_concurrency_limit(self, retry: RetryPolicy, rng: random.Random) -> None:
         """A 1303 for the create holding one slot: that slot is released, and the server's
-        limit is at most the tasks we still hold."""
+        limit is at most the tasks we still hold. Holding none (other clients of the account
+        hold the slots), no task of ours will end to free one, so creates back off instead."""
         self.throttled += 1
-        self.active -= 1
+        self.active = max(0, self.active - 1)
         if self._probing:
             self._probe_after *= 2
             self._probing = False
         self.limit = max(1, min(self.limit, self.active))
         self._successes = 0
-        self._notify()
+        if self.active == 0:
+            self._idle_throttles += 1
+            self.not_before = time.monotonic() + retry.delay(self._idle_throttles, rng=rng)
+        # Nothing to wake: the limit only went down.
 
 
 @attrs.define
@@ -139,6 +157,8 @@ class Submitter:
         self.stats = SubmitStats()
         #: Jobs whose last create ended ambiguous, with the rounds they have had.
         self._unsettled: dict[Job, tuple[int, BaseException]] = {}
+        #: Jobs whose creates could not reach the server, with the rounds they have had.
+        self._unreachable: dict[Job, int] = {}
 
     @property
     def queued(self) -> int:
@@ -194,54 +214,66 @@ class Submitter:
             if rounds + 1 < _AMBIGUOUS_ROUNDS and self._resource.can_look_up:
                 # Not lost, not duplicated: look it up again later, then create if absent.
                 self._unsettled[job] = (rounds + 1, exc.cause or exc)
-                job._set_status(JobStatus.QUEUED)
-                self._queue.append(job)
-                self._work.set()
-                await anyio.sleep(self._retry.delay(rounds + 1, rng=self._rng))
+                await self._requeue_later(job, self._retry.delay(rounds + 1, rng=self._rng))
                 return
-            job._fail(exc)
-            self.stats.rejected += 1
-            return
+            self._reject(job, exc)
         except ConcurrencyLimitError:
-            self.limit.on_concurrency_limit()
-            job._set_status(JobStatus.QUEUED)
-            self._queue.appendleft(job)
-            self._work.set()
-            # Wait for one of our tasks to end; if we hold none (another client holds the
-            # slots), back off instead of hammering.
-            wait = self._retry.delay(min(self.limit.throttled, 6)) if self.limit.active else None
-            await self.limit.wait_changed(at_most=wait or self._retry.maximum)
-            return
+            self._keep_unsettled(job, rounds, earlier)
+            self.limit.on_concurrency_limit(self._retry, self._rng)
+            self._requeue(job)
         except RateLimitError as exc:
+            self._keep_unsettled(job, rounds, earlier)
             self.limit.release()
-            pause = self._retry.delay(1, retry_after=exc.retry_after, throttled=True)
-            self._budget.pause(pause)
-            job._set_status(JobStatus.QUEUED)
-            self._queue.appendleft(job)
-            self._work.set()
-            return
+            self._budget.pause(self._retry.delay(1, retry_after=exc.retry_after, throttled=True))
+            self._requeue(job)
         except (AccountError, AuthenticationError) as exc:
             self.limit.release()
             job._fail(exc)
             self._stop(exc)
-            return
         except TransportError as exc:
             self.limit.release()
-            if not exc.request_sent:
-                # Provably never sent: nothing was created, so queueing it again is safe.
-                job._set_status(JobStatus.QUEUED)
-                self._queue.append(job)
-                self._work.set()
-                await anyio.sleep(self._retry.maximum / 4)
+            unreachable = self._unreachable.pop(job, 0) + 1
+            if exc.request_sent or unreachable >= _UNREACHABLE_ROUNDS:
+                self._reject(job, exc)
                 return
-            job._fail(exc)
-            self.stats.rejected += 1
-            return
+            # Provably never sent: nothing was created, so sending it later is safe.
+            self._keep_unsettled(job, rounds, earlier)
+            self._unreachable[job] = unreachable
+            await self._requeue_later(job, self._retry.delay(unreachable, rng=self._rng))
         except KlingError as exc:
             self.limit.release()
-            job._fail(exc)
-            self.stats.rejected += 1
-            return
-        self.limit.on_success()
-        self.stats.submitted += 1
-        self._on_submitted(job, task, sent_at)
+            self._reject(job, exc)
+        except Exception as exc:
+            # A bug must not take the other jobs down: this job ends with it, loudly.
+            self.limit.release()
+            log.exception("submitting a job failed unexpectedly")
+            self._reject(job, exc)
+        else:
+            self._unreachable.pop(job, None)
+            self.limit.on_success()
+            self.stats.submitted += 1
+            self._on_submitted(job, task, sent_at)
+
+    def _keep_unsettled(self, job: Job, rounds: int, earlier: BaseException | None) -> None:
+        """A create that was once ambiguous stays so until a lookup settles it."""
+        if earlier is not None:
+            self._unsettled[job] = (rounds, earlier)
+
+    def _requeue(self, job: Job) -> None:
+        job._set_status(JobStatus.QUEUED)
+        self._queue.appendleft(job)
+        self._work.set()
+
+    async def _requeue_later(self, job: Job, delay: float) -> None:
+        """Hold the job (and this worker) for ``delay`` seconds, then put it first in line:
+        when the server is down, every worker ends up waiting like this, which is the
+        back-off we want."""
+        job._set_status(JobStatus.QUEUED)
+        await anyio.sleep(delay)
+        self._requeue(job)
+
+    def _reject(self, job: Job, error: BaseException) -> None:
+        self._unsettled.pop(job, None)
+        self._unreachable.pop(job, None)
+        job._fail(error)
+        self.stats.rejected += 1

@@ -221,7 +221,7 @@ def decode_envelope(
     """
     try:
         body = json.loads(raw) if raw.strip() else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         body = None
         parsed = False
     else:

@@ -85,6 +85,8 @@ def test_duration_rejects_non_whole_numbers(value: object) -> None:
         ({"prompt": "p", "callback_url": "ftp://x"}, "callback_url", "http"),
         ({"prompt": "p", "external_task_id": ""}, "external_task_id", "must not be empty"),
         ({"prompt": "p", "extra": {"prompt": "x"}}, "extra.prompt", "declared field"),
+        ({"prompt": "p", "extra": {"seed": object()}}, "extra.seed", "JSON value"),
+        ({"prompt": "p", "extra": {"seed": float("nan")}}, "extra.seed", "JSON value"),
         ({"prompt": "p", "camera_control": {"config": {}}}, "camera_control.type", "required"),
         (
             {"prompt": "p", "camera_control": {"type": "spin"}},

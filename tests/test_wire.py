@@ -189,6 +189,7 @@ def test_cometapi_envelope(status: int, code: str, cls: type[ka.APIError]) -> No
         (400, b'{"code":1201,"message":"Task no', ka.ResponseDecodeError),
         (404, b"<html>Not Found</html>", ka.ResponseDecodeError),
         (200, b"\xff\xfe\x00garbage", ka.ResponseDecodeError),
+        (200, b"[" * 100_000, ka.ResponseDecodeError),
     ],
 )
 def test_non_envelope_bodies(status: int, raw: bytes, cls: type[ka.KlingError]) -> None:
