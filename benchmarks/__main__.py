@@ -9,7 +9,7 @@ from . import polling, scale
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suites", nargs="*", choices=["polling", "scale"], default=[])
+    parser.add_argument("suites", nargs="*", help="polling, scale (default: both)")
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--slots", type=int, default=20)
     parser.add_argument("--time-scale", type=float, default=0.02)
@@ -18,6 +18,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     args = parser.parse_args()
     suites = args.suites or ["polling", "scale"]
+    unknown = sorted(set(suites) - {"polling", "scale"})
+    if unknown:
+        parser.error(f"unknown suite {unknown[0]!r}: choose polling or scale")
     if "polling" in suites:
         workload = polling.Workload(
             tasks=args.tasks, slots=args.slots, time_scale=args.time_scale, seed=args.seed
