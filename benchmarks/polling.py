@@ -10,6 +10,8 @@ max(max d, sum d / K), 1303 answers and client CPU (user and system) per request
 from __future__ import annotations
 
 import asyncio
+import bisect
+import math
 import os
 import random
 import statistics
@@ -19,6 +21,7 @@ from collections.abc import Callable
 import attrs
 
 import kling_async as ka
+from kling_async._schedule import inspection_schedule
 
 from ._harness import EmulatorProcess, TaskTruth
 
@@ -122,7 +125,40 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _report(name: str, w: Workload, emu: EmulatorProcess, run: Run) -> dict[str, float]:
+def bound(w: Workload, durations: list[float]) -> None:
+    """What no poller doing one GET per look can beat by much: the optimal inspection schedule
+    for the *true* distribution (which the SDK has to learn), against 6 s polling, both
+    evaluated on the durations the emulator drew in this run, with no network in the way."""
+    policy = ka.PollPolicy()
+    plan = inspection_schedule(
+        w.median,
+        w.sigma,
+        lag_per_poll=policy.effective_lag_per_poll,
+        min_interval=policy.min_interval,
+        max_interval=policy.max_interval,
+    )
+    polls = lags = fixed_polls = fixed_lags = 0.0
+    for d in durations:
+        k = bisect.bisect_left(plan, d)
+        polls += k + 1 if k < len(plan) else len(plan) + math.ceil((d - plan[-1]) / 60)
+        lags += (plan[k] if k < len(plan) else d) - d
+        n = math.ceil(d / 6.0)
+        fixed_polls, fixed_lags = fixed_polls + n, fixed_lags + n * 6.0 - d
+    n = len(durations)
+    print(
+        f"polling_bound known_distribution_polls_per_task={polls / n:.3f} "
+        f"known_distribution_lag_mean_s={lags / n:.3f} "
+        f"fixed_6s_polls_per_task={fixed_polls / n:.3f} "
+        f"fixed_6s_lag_mean_s={fixed_lags / n:.3f} polls_ratio={polls / fixed_polls:.3f} "
+        f"lag_ratio={lags / fixed_lags:.3f}",
+        flush=True,
+    )
+
+
+def _report(
+    name: str, w: Workload, emu: EmulatorProcess, run: Run
+) -> tuple[dict[str, float], list[float]]:
+    """Print the contender's line; return its figures and the run's true durations."""
     stats = emu.stats()
     truth: list[TaskTruth] = emu.tasks()
     by_id = {t.task_id: t for t in truth}
@@ -155,7 +191,7 @@ def _report(name: str, w: Workload, emu: EmulatorProcess, run: Run) -> dict[str,
         ),
         flush=True,
     )
-    return result
+    return result, durations
 
 
 CONTENDERS: dict[str, Callable[[EmulatorProcess, Workload], object]] = {
@@ -170,12 +206,15 @@ CONTENDERS: dict[str, Callable[[EmulatorProcess, Workload], object]] = {
 
 def run(w: Workload, only: list[str] | None = None) -> dict[str, dict[str, float]]:
     results = {}
+    durations: list[float] = []
     for name, contender in CONTENDERS.items():
         if only and name not in only:
             continue
         with w.emulator() as emu:
             outcome = asyncio.run(contender(emu, w))  # type: ignore[arg-type]
-            results[name] = _report(name, w, emu, outcome)  # type: ignore[arg-type]
+            results[name], durations = _report(name, w, emu, outcome)  # type: ignore[arg-type]
+    if durations:
+        bound(w, durations)
     base = results.get("fixed_6s_jitter")
     ours = results.get("kling_async")
     if base and ours:

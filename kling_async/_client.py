@@ -47,6 +47,7 @@ class ClientStats:
     polls: int  # single-task polls by the poller pool
     sweeps: int  # list sweeps by the poller pool
     submitted: int  # tasks created by the submitter
+    rejected: int  # jobs that ended without a task (refused, ambiguous, unreachable)
     concurrency_limited: int  # 1303 answers the submitter met
     queued: int  # jobs waiting to be submitted
     active: int  # Kling slots held: creates in flight and tasks not yet ended
@@ -299,6 +300,7 @@ class KlingClient:
             polls=self._pool.polls,
             sweeps=self._pool.sweeps,
             submitted=self._submitter.stats.submitted,
+            rejected=self._submitter.stats.rejected,
             concurrency_limited=self._limit.throttled,
             queued=self._submitter.queued,
             active=self._limit.active,

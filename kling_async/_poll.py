@@ -1,8 +1,8 @@
 """When to poll a task next.
 
 Tasks take minutes and the client pays per request, so polling at a fixed short interval
-wastes requests early and a long one adds lag late. The policy here spends few polls while a
-task is young, then tightens around the time it is expected to end.
+wastes requests early and a long one adds lag late. :class:`PollPolicy` holds the bounds;
+:mod:`._schedule` turns them and the durations seen so far into poll times.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 
 import attrs
+
+from ._schedule import DurationModel
 
 __all__ = ["PollPolicy"]
 
@@ -64,21 +66,16 @@ class PollPolicy:
                 f"must be >= min_interval={self.min_interval!r}"
             )
 
-    def clamp(self, seconds: float) -> float:
-        return min(self.max_interval, max(self.min_interval, seconds))
-
     def jittered(self, seconds: float, rng: random.Random) -> float:
         if not self.jitter:
             return seconds
         return seconds * rng.uniform(1 - self.jitter, 1 + self.jitter)
 
-    def interval(self, age: float, expected: float) -> float:
-        """The gap before the next poll of a task ``age`` seconds old, expected to take
-        ``expected`` seconds: halve the distance to the expected end while before it, then
-        widen slowly as the task overruns.
-        """
-        remaining = expected - age
-        if remaining > 0:
-            return self.clamp(remaining / 2)
-        overrun = -remaining / expected if expected > 0 else 1.0
-        return self.clamp(self.min_interval * (1 + overrun * 4))
+    def duration_model(self) -> DurationModel:
+        """A fresh learner for one class of tasks, starting from ``initial_estimate``."""
+        return DurationModel(
+            prior_median=self.initial_estimate,
+            lag_per_poll=self.effective_lag_per_poll,
+            min_interval=self.min_interval,
+            max_interval=self.max_interval,
+        )

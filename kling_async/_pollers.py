@@ -91,13 +91,7 @@ class PollerPool:
     def model(self, key: ClassKey) -> DurationModel:
         model = self._models.get(key)
         if model is None:
-            policy = self.policy
-            model = self._models[key] = DurationModel(
-                prior_median=policy.initial_estimate,
-                lag_per_poll=policy.effective_lag_per_poll,
-                min_interval=policy.min_interval,
-                max_interval=policy.max_interval,
-            )
+            model = self._models[key] = self.policy.duration_model()
         return model
 
     def follow(self, job: Job, *, poll_now: bool = False) -> None:

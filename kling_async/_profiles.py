@@ -66,9 +66,6 @@ class BackendProfile:
     supports_list: bool
     external_id_lookup: ExternalIdLookup | None = "query"
 
-    def evolve(self, **changes: object) -> BackendProfile:
-        return attrs.evolve(self, **changes)  # type: ignore[arg-type]
-
     def validate(self, request: Text2VideoRequest) -> None:
         """Raise :class:`ValidationError` for the first rule of this backend the request breaks."""
         if len(request.prompt) > self.prompt_max:

@@ -28,6 +28,7 @@ from ._errors import (
 from ._models import Task, Text2VideoRequest
 from ._poll import PollPolicy
 from ._profiles import BackendProfile, ExternalIdLookup
+from ._schedule import DurationModel
 from ._wire import request_body, structure_task, structure_task_list
 
 __all__ = ["TaskResource", "Text2VideoResource"]
@@ -59,10 +60,7 @@ class TaskResource:
         self._poll = poll
         self._lookup_form = external_id_lookup
         self._rng = random.Random()
-
-    @property
-    def path(self) -> str:
-        return self._path
+        self._models: dict[PollPolicy, DurationModel] = {}
 
     def prepare(self, request: Text2VideoRequest) -> Text2VideoRequest:
         """Check ``request`` against the backend profile and give it an ``external_task_id``.
@@ -173,6 +171,11 @@ class TaskResource:
     ) -> AsyncGenerator[Task, None]:
         """Yield a snapshot each time the task's status changes; stop after the terminal one."""
         policy = poll or self._poll
+        # The same inspection schedule the poller pool uses, from the policy's prior (one task
+        # alone teaches nothing); computed once per policy.
+        model = self._models.get(policy)
+        if model is None:
+            model = self._models[policy] = policy.duration_model()
         started = time.monotonic()
         last_status = None
         while True:
@@ -183,7 +186,7 @@ class TaskResource:
             if task.is_terminal:
                 return
             age = time.monotonic() - started
-            delay = policy.interval(age, policy.initial_estimate)
+            delay = model.next_age(age) - age
             await anyio.sleep(policy.jittered(delay, self._rng))
 
     async def wait(

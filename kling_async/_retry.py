@@ -7,6 +7,7 @@ loop. Full jitter spreads hundreds of clients that failed together, the way AWS'
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -73,6 +74,6 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if seconds != seconds or seconds < 0:  # NaN or in the past
-        return 0.0 if seconds == seconds else None
-    return min(seconds, 3600.0)
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), 3600.0)  # a date in the past means "now"

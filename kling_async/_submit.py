@@ -167,7 +167,7 @@ class Submitter:
     def enqueue(self, job: Job, *, resume: bool = False) -> None:
         """Queue ``job``; ``resume`` marks a request an earlier run may already have sent."""
         if self.fatal is not None:
-            job._fail(self.fatal)
+            self._reject(job, self.fatal)
             return
         if resume and job.external_task_id is not None:
             self._unsettled[job] = (0, AmbiguousSubmissionError(job.external_task_id))
@@ -187,7 +187,7 @@ class Submitter:
             self.fatal = error
             log.error("submission stopped for the account: %s", error)
         while self._queue:
-            self._queue.popleft()._fail(error)
+            self._reject(self._queue.popleft(), error)
 
     async def run(self) -> None:
         """One create coroutine; the client starts ``max_concurrent_submits`` of them."""
@@ -196,7 +196,7 @@ class Submitter:
             await self.limit.acquire()
             if self.fatal is not None:
                 self.limit.release()
-                job._fail(self.fatal)
+                self._reject(job, self.fatal)
                 continue
             await self._submit(job)
 
@@ -228,7 +228,7 @@ class Submitter:
             self._requeue(job)
         except (AccountError, AuthenticationError) as exc:
             self.limit.release()
-            job._fail(exc)
+            self._reject(job, exc)
             self._stop(exc)
         except TransportError as exc:
             self.limit.release()

@@ -33,6 +33,7 @@ async def finish(kling: ka.KlingClient, jobs: list[ka.Job], seconds: float = 60)
 
 async def test_jobs_run_to_completion_and_report_progress(emu: Emulator) -> None:
     async with client_for(emu) as kling:
+        events = kling.events()
         jobs = kling.submit_many(requests(20))
         assert all(j.external_task_id for j in jobs)
         assert all(j.status in (ka.JobStatus.QUEUED, ka.JobStatus.SUBMITTING) for j in jobs)
@@ -44,7 +45,17 @@ async def test_jobs_run_to_completion_and_report_progress(emu: Emulator) -> None
             assert job.status is ka.JobStatus.SUCCEEDED
             assert job.task_id == task.task_id
             assert job.task is task
+        seen: dict[ka.Job, list[ka.JobStatus]] = {}
+        async for event in events:
+            seen.setdefault(event.job, []).append(event.status)
+            if sum(s[-1].is_terminal for s in seen.values()) == 20:
+                break
+        assert kling.stats.submitted == 20
+        assert kling.stats.rejected == 0
     assert emu.stats.tasks_created == 20
+    for job in jobs:
+        assert seen[job][0] is ka.JobStatus.SUBMITTED
+        assert seen[job][-1] is ka.JobStatus.SUCCEEDED
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.1])
@@ -128,11 +139,13 @@ async def test_account_fatal_stops_submission_and_keeps_following() -> None:
             await finish(kling, jobs)
             later = kling.submit(ka.Text2VideoRequest(prompt="after"))
             assert later.status is ka.JobStatus.ERROR
+            stats = kling.stats
     submitted = [j for j in jobs if j.task_id is not None]
     assert len(submitted) == emu.stats.tasks_created == 3
     assert all(j.status is ka.JobStatus.SUCCEEDED for j in submitted)
     rejected = [j for j in jobs if j.task_id is None]
     assert len(rejected) == 7
+    assert stats.rejected == 8  # the seven queued jobs and the one submitted after the stop
     for job in rejected:
         assert isinstance(job.error, ka.AccountError)
         assert job.error.code == 1101
