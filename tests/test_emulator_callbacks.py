@@ -91,7 +91,7 @@ async def test_every_status_change_in_order() -> None:
         assert finals
         for body in finals:
             (video,) = body["task_result"]["videos"]
-            assert video["url"].startswith(emu.url + "/files/")
+            assert video["url"].startswith(emu.files_url + "/files/")
         for task_id in ids:
             stamps = [body["updated_at"] for body in hook.bodies if body["task_id"] == task_id]
             assert stamps == sorted(stamps)

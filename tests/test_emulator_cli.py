@@ -51,12 +51,14 @@ async def _use_the_served_emulator(process: anyio.abc.Process) -> None:
     assert process.stdout is not None
     output = b""
     with anyio.fail_after(30):
-        while output.count(b"\n") < 4:
+        while output.count(b"\n") < 5:
             output += await process.stdout.receive()
     lines = dict(line.split("=", 1) for line in output.decode().splitlines())
-    assert list(lines) == ["url", "api_key", "access_key", "secret_key"]
+    assert list(lines) == ["url", "api_key", "access_key", "secret_key", "files_url"]
     url = lines["url"]
     assert url.startswith("http://127.0.0.1:")
+    assert lines["files_url"].startswith("http://127.0.0.1:")
+    assert lines["files_url"] != url
 
     async with aiohttp.ClientSession() as session:
         create = url + "/v1/videos/text2video"

@@ -2,12 +2,14 @@
 
 ``async with Emulator(time_scale=0.001) as emu:`` serves the protocol on ``emu.url`` (loopback
 only): both path families, both auth modes, the task lifecycle on a scaled clock, concurrency
-and rate limits, callbacks, downloadable files, and seeded faults. ``emu.stats`` is the ground
+and rate limits, callbacks, playable files from a separate (optionally https) origin, seeded
+faults, and optionally a state file that survives restarts. ``emu.stats`` is the ground
 truth (tasks created per ``external_task_id``, requests per route, peak active tasks, ...).
 """
 
 from ._emulator import Emulator
 from ._faults import FaultKind, Faults
+from ._persist import StateFileError
 from ._state import EmulatedTask, EmulatedVideo, EmulatorStats
 
 __all__ = [
@@ -17,4 +19,5 @@ __all__ = [
     "EmulatorStats",
     "FaultKind",
     "Faults",
+    "StateFileError",
 ]

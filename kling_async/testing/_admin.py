@@ -13,7 +13,10 @@ serves, only on loopback. They are no part of Kling's API and never counted in t
   "download": {...}, "stall_seconds": 5}`` replaces the fault rates; ``{}`` or ``null`` clears.
 - ``POST /_emulator/settings``: any of ``failure_rate``, ``median_duration`` (for tasks created
   from now on), ``concurrency_limit``, ``account_error`` (a code or null), ``download_rate``
-  (bytes per second or null), ``url_ttl`` (emulated seconds or null). Answers the settings.
+  (bytes per second or null), ``url_ttl`` (emulated seconds or null), ``visibility_lag``
+  (emulated seconds, for tasks created from now on), ``duplicate_external_id`` (``"reject"``,
+  ``"return_first"`` or ``"allow"``), ``result_url`` (a template with ``{video_id}`` and
+  ``{files}``, or null). Answers the settings; ``GET`` answers them too.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import attrs
 from aiohttp import web
 
 from ._faults import FaultKind, Faults
+from ._server import check_duplicate_policy, check_visibility_lag
+from ._video import check_result_url
 from ._wire import dumps
 
 if TYPE_CHECKING:
@@ -137,6 +142,12 @@ def apply_settings(emulator: Emulator, body: object) -> None:
             changes.append(partial(emulator.set_download_rate, _number_or_none(key, value)))
         elif key == "url_ttl":
             changes.append(partial(emulator.set_url_ttl, _number_or_none(key, value)))
+        elif key == "visibility_lag":
+            changes.append(partial(emulator.set_visibility_lag, check_visibility_lag(value)))
+        elif key == "duplicate_external_id":
+            changes.append(partial(emulator.set_duplicate_policy, check_duplicate_policy(value)))
+        elif key == "result_url":
+            changes.append(partial(emulator.set_result_url, check_result_url(value)))
         else:
             raise ValueError(f"unknown setting {key!r}")
     for change in changes:

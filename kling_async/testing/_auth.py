@@ -5,6 +5,12 @@ JWTs), because that is how a client can tell which backend it is talking to. JWT
 ``nbf`` are checked against an injectable wall clock with no leeway, so tests can drive token
 expiry without waiting, and a client that sends ``nbf = now - 5`` (as the protocol says) has
 exactly the five seconds of skew it asked for.
+
+By default either credential works on either path family, which keeps tests short. With
+``strict`` the pairing is the real services': CometAPI's gateway (``/kling/...``) knows only its
+bearer API keys, and Kling's official API (``/v1/...``) only JWTs minted from an access key and a
+secret key, so a client that sends the wrong kind of credential to a backend fails as it would in
+production instead of passing against the emulator.
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ class Authenticator:
         api_keys: Sequence[str],
         access_keys: Mapping[str, str],
         wall_clock: Callable[[], float],
+        strict: bool = False,
     ) -> None:
+        self._strict = strict
         self._api_keys = frozenset(api_keys)
         self._access_keys = dict(access_keys)
         self._wall_clock = wall_clock
@@ -65,6 +73,8 @@ class Authenticator:
 
         A bad bearer key on the ``/kling/...`` family answers in CometAPI's envelope, because that
         path family is CometAPI's gateway and its gateway rejects keys before Kling sees them.
+        Under ``strict``, a JWT there is such a bad key, and a bearer key on ``/v1/...`` is
+        refused by the official API's own check (code 1000).
         """
         if header is None or not header.strip():
             raise AuthError(1001, "Authorization header is empty")
@@ -72,7 +82,20 @@ class Authenticator:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise AuthError(1002, "Authorization header is invalid: expected 'Bearer <token>'")
-        if token.count(".") == 2:
+        is_jwt = token.count(".") == 2
+        if self._strict and cometapi_family and is_jwt:
+            raise AuthError(
+                1000,
+                "Invalid API key: CometAPI takes its bearer API keys (sk-...), not JWTs",
+                cometapi_code="invalid_api_key",
+            )
+        if self._strict and not cometapi_family and not is_jwt:
+            raise AuthError(
+                1000,
+                "Authentication failed: the official API takes JWTs minted from an access key "
+                "and secret key, not API keys",
+            )
+        if is_jwt:
             return self._verify_jwt(token)
         if token in self._api_keys:
             return Grant(AuthMode.API_KEY, token)

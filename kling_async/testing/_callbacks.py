@@ -80,8 +80,13 @@ class CallbackScheduler:
             asyncio.Queue() for _ in range(_WORKERS)
         ]
 
-    def schedule(self, task: EmulatedTask) -> None:
-        """Plan the callbacks of a new task (none without a loopback ``callback_url``)."""
+    def schedule(self, task: EmulatedTask, *, after: float | None = None) -> None:
+        """Plan the callbacks of a task (none without a loopback ``callback_url``).
+
+        ``after``: plan only the status changes from that emulated instant on. A task loaded from
+        a state file gets the changes still to come; the ones before were the previous process's
+        to deliver, as a restarted server would not replay its past.
+        """
         url = task.callback_url
         if url is None:
             return
@@ -98,6 +103,8 @@ class CallbackScheduler:
                 previous = status
         if self._mode == "terminal":
             changes = changes[-1:]
+        if after is not None:
+            changes = [as_of for as_of in changes if as_of >= after]
         deliveries = [(as_of, as_of) for as_of in changes]
         if self._mode == "chaotic":
             deliveries = self._scramble(changes, task)

@@ -1,8 +1,11 @@
 """``python -m kling_async.testing``: run the emulator as a local server until interrupted.
 
-It prints ``key=value`` lines on stdout (``url`` first, then the credentials) and flushes, so a
-script or a test can start it, read the URL, and point a client at it; SIGINT or SIGTERM stop it
-cleanly with exit status 0. :func:`main` is reusable by a larger command line.
+It prints ``key=value`` lines on stdout (``url`` first, then the credentials, then
+``files_url``, the file origin) and flushes, so a script or a test can start it, read the URL,
+and point a client at it; SIGINT or SIGTERM stop it cleanly with exit status 0. With
+``--state PATH`` every create is synced to PATH before it is answered, so even ``kill -9`` loses
+no task a client was told about, and the next run on PATH carries on with them. :func:`main`
+is reusable by a larger command line.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TextIO
 
 from ._emulator import DEFAULT_API_KEY, Emulator
 from ._faults import Faults
+from ._persist import StateFileError
 
 
 def build_parser(prog: str = "python -m kling_async.testing") -> argparse.ArgumentParser:
@@ -29,7 +33,12 @@ def build_parser(prog: str = "python -m kling_async.testing") -> argparse.Argume
     add("--host", default="127.0.0.1", help="loopback address to bind (default: 127.0.0.1)")
     add("--port", type=int, default=0, help="port (default: 0, any free port)")
     add("--time-scale", type=float, default=1.0, help="real seconds per emulated second")
-    add("--seed", type=int, default=0, help="seed for durations, outcomes and faults")
+    add(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for durations, outcomes and faults (default: 0, or the --state file's)",
+    )
     add("--median-duration", type=float, default=90.0, help="emulated seconds, std 5 s clip")
     add("--failure-rate", type=float, default=0.0, help="fraction of tasks that fail")
     add("--concurrency-limit", type=int, default=None, help="parallel tasks (default: none)")
@@ -49,6 +58,36 @@ def build_parser(prog: str = "python -m kling_async.testing") -> argparse.Argume
         choices=("reject", "return_first", "allow"),
         default="reject",
         help="what a repeated external_task_id gets",
+    )
+    add(
+        "--visibility-lag",
+        type=float,
+        default=0.0,
+        help="emulated seconds a new task stays invisible to external-id lookups and the list",
+    )
+    add(
+        "--strict-auth",
+        action="store_true",
+        help="bearer keys only on /kling/..., JWTs only on /v1/... (as the real services)",
+    )
+    add(
+        "--no-cometapi-lookups",
+        dest="cometapi_lookups",
+        action="store_false",
+        help="on /kling/... serve neither the list nor lookups by external_task_id",
+    )
+    add(
+        "--files-tls",
+        action="store_true",
+        help="serve result files over https with the shipped self-signed certificate",
+    )
+    add("--files-port", type=int, default=0, help="file origin port (default: 0, any free port)")
+    add(
+        "--state",
+        metavar="PATH",
+        default=None,
+        help="keep tasks in this SQLite file (synced before each create is answered) and load "
+        "them at start",
     )
     add(
         "--unknown-task",
@@ -92,6 +131,12 @@ def emulator_from_args(args: argparse.Namespace) -> Emulator:
         download_rate=args.download_rate,
         admin=args.admin,
         duplicate_external_id=args.duplicate_external_id,
+        visibility_lag=args.visibility_lag,
+        strict_auth=args.strict_auth,
+        cometapi_lookups=args.cometapi_lookups,
+        files_tls=args.files_tls,
+        files_port=args.files_port,
+        state_path=args.state,
         unknown_task=args.unknown_task,
         callbacks=args.callbacks,
         api_keys=tuple(args.api_key or (DEFAULT_API_KEY,)),
@@ -114,6 +159,7 @@ async def serve(emulator: Emulator, out: TextIO) -> None:
                 f"api_key={emulator.api_key}\n"
                 f"access_key={emulator.access_key}\n"
                 f"secret_key={emulator.secret_key}\n"
+                f"files_url={emulator.files_url}\n"
             )
             out.flush()
             await stop.wait()
@@ -135,6 +181,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
-    with contextlib.suppress(KeyboardInterrupt):  # where signal handlers are unavailable
-        asyncio.run(serve(emulator, sys.stdout))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # where signal handlers are unavailable
+            asyncio.run(serve(emulator, sys.stdout))
+    except StateFileError as exc:  # e.g. another emulator holds the file
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     return 0

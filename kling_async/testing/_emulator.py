@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
@@ -19,10 +21,21 @@ from ._auth import Authenticator
 from ._callbacks import CallbackMode, CallbackScheduler
 from ._clock import EmulatedClock
 from ._faults import FaultInjector, Faults
+from ._files import FileServer
+from ._persist import StateFile, StateHeader, inspect_state_file, new_header
 from ._ratelimit import TokenBucket
-from ._server import ACCOUNT_ERRORS, DuplicatePolicy, KlingServer, Settings, UnknownTaskStyle
+from ._server import (
+    ACCOUNT_ERRORS,
+    DuplicatePolicy,
+    KlingServer,
+    Settings,
+    UnknownTaskStyle,
+    check_duplicate_policy,
+    check_visibility_lag,
+)
 from ._state import EmulatedTask, EmulatorStats, Lifecycle, TaskStore
-from ._video import VideoLinks
+from ._tls import client_context, server_context
+from ._video import VideoLinks, check_result_url, format_host
 from ._video import video_bytes as _video_bytes
 from ._video import video_sha256 as _video_sha256
 
@@ -52,12 +65,15 @@ class Emulator:
 
     Use it as ``async with Emulator(time_scale=0.001) as emu:`` and point a client at
     ``emu.url`` (or ``emu.url + "/kling"``) with ``emu.api_key`` (CometAPI-style bearer key) or
-    ``emu.access_key`` / ``emu.secret_key`` (official-API JWTs). ``await emu.start()`` and
-    ``await emu.aclose()`` do the same without a block. Everything the emulator runs (the server,
-    the callback scheduler) is stopped when it closes.
+    ``emu.access_key`` / ``emu.secret_key`` (official-API JWTs). Result files are served from a
+    second port, ``emu.files_url``, as a CDN would serve them. ``await emu.start()`` and
+    ``await emu.aclose()`` do the same without a block. Everything the emulator runs (both
+    servers, the callback scheduler, the state file) is stopped when it closes.
 
-    Times are in *emulated* seconds: one lasts ``time_scale`` real seconds. Task durations,
-    outcomes, ids and faults are drawn from ``seed``, so a run is reproducible.
+    Times are in *emulated* seconds: one lasts ``time_scale`` real seconds. The wire timestamps
+    are wall-clock Unix milliseconds of those instants (real time, see ``EmulatedClock``). Task
+    durations, outcomes, ids and faults are drawn from ``seed`` (default 0, or a state file's
+    own), so a run is reproducible.
 
     Knobs (all keyword-only):
 
@@ -69,7 +85,17 @@ class Emulator:
     - ``concurrency_limit``: account slots; a create over it gets 429/1303 and creates nothing.
     - ``rate_limit`` / ``rate_burst``: requests per real second over the API (429/1302).
     - ``duplicate_external_id``: a repeated ``external_task_id`` is rejected (400/1201),
-      answered with the first task (``return_first``), or creates another task (``allow``).
+      answered with the first task (``return_first``), or creates another task (``allow``);
+      changeable with :meth:`set_duplicate_policy`. The check sees every task, visible or not.
+    - ``visibility_lag``: emulated seconds a new task stays invisible to lookups by
+      ``external_task_id`` (all three forms) and to the list; a GET by task id sees it at once.
+      Changeable with :meth:`set_visibility_lag` (for tasks created from then on).
+    - ``strict_auth``: pair credentials with path families as the real services do: bearer keys
+      only on ``/kling/...`` (a JWT gets CometAPI's 401 ``invalid_api_key``), JWTs only on
+      ``/v1/...`` (a key gets 401/1000).
+    - ``cometapi_lookups``: when False, ``/kling/...`` serves neither the list nor lookups by
+      external id (CometAPI documents neither): 404 ``invalid_url``, and ``/{id}`` is a task id
+      only. ``/v1/...`` is unaffected.
     - ``unknown_task``: how a missing task is answered: 400/1201, 404/1203, or new-api's
       ``{"code": "task_not_exist"}``.
     - ``callbacks``: POST every status change, only the terminal one, or ``chaotic`` (every
@@ -80,16 +106,22 @@ class Emulator:
     - ``url_ttl``: emulated seconds a video URL stays valid (``None``: forever).
     - ``download_rate``: bytes per real second files are served at (``None``: at once), to
       catch a client mid-download.
+    - ``files_tls``: serve the file origin over https with the shipped self-signed certificate;
+      :meth:`ssl_context` gives clients a context that trusts it. ``files_port``: its port.
+    - ``state_path``: keep the tasks in this SQLite file, durably written before each create is
+      answered, and load them at start: a restarted emulator (after ``kill -9`` too, with any
+      ``time_scale``) is the same account. ``seed`` then defaults to the file's seed.
     - ``admin``: also serve the control endpoints under ``/_emulator`` (ground truth and knobs
       over HTTP, for tests that drive the emulator from another process; see ``_admin``).
-    - ``host``, ``port``: a loopback address only; port 0 picks a free one.
+    - ``host``, ``port``: a loopback address only; port 0 picks a free one. The file origin
+      binds the same address.
     """
 
     def __init__(
         self,
         *,
         time_scale: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
         median_duration: float = 90.0,
         duration_sigma: float = 0.35,
         pro_factor: float = 1.6,
@@ -100,6 +132,7 @@ class Emulator:
         rate_limit: float | None = None,
         rate_burst: int = 10,
         duplicate_external_id: DuplicatePolicy = "reject",
+        visibility_lag: float = 0.0,
         unknown_task: UnknownTaskStyle = "kling_1201",
         callbacks: CallbackMode = "every",
         faults: Faults | None = None,
@@ -108,14 +141,19 @@ class Emulator:
         wall_clock: Callable[[], float] = time.time,
         url_ttl: float | None = None,
         download_rate: float | None = None,
+        strict_auth: bool = False,
+        cometapi_lookups: bool = True,
+        files_tls: bool = False,
+        files_port: int = 0,
+        state_path: str | os.PathLike[str] | None = None,
         admin: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         if isinstance(api_keys, str):
             raise TypeError("api_keys must be a sequence of keys, not one string")
-        if duplicate_external_id not in ("reject", "return_first", "allow"):
-            raise ValueError(f"unknown duplicate_external_id policy {duplicate_external_id!r}")
+        duplicate_external_id = check_duplicate_policy(duplicate_external_id)
+        visibility_lag = check_visibility_lag(visibility_lag)
         if unknown_task not in ("kling_1201", "kling_1203", "new_api"):
             raise ValueError(f"unknown unknown_task style {unknown_task!r}")
         if callbacks not in ("every", "terminal", "chaotic"):
@@ -125,13 +163,29 @@ class Emulator:
 
         self._host = _loopback_host(host)
         self._port = port
+        self._files_port = files_port
+        self._files_tls = files_tls
+        self._clock = EmulatedClock(time_scale)
+        self._state: StateFile | None = None
+        self._header: StateHeader | None = None
+        if state_path is not None:
+            found = inspect_state_file(state_path)
+            if found is not None and seed is not None and seed != found.seed:
+                raise ValueError(
+                    f"state file {os.fspath(state_path)!r} was made with seed {found.seed}, "
+                    f"not {seed}: its video bytes and ids follow that seed (omit seed to use it)"
+                )
+            self._header = found or new_header(0 if seed is None else seed)
+            self._state = StateFile(state_path, clock=self._clock)
+            seed = self._header.seed
+        seed = 0 if seed is None else seed
         self._seed = seed
         self._api_keys = tuple(api_keys)
         self._access_keys = dict(access_keys)
-        self._clock = EmulatedClock(time_scale)
         self._stats = EmulatorStats()
         self._store = TaskStore(
             seed=seed,
+            stream=0 if self._header is None else self._header.sessions,
             lifecycle=Lifecycle(
                 median_duration=median_duration,
                 duration_sigma=duration_sigma,
@@ -142,13 +196,21 @@ class Emulator:
             ),
         )
         self._faults = FaultInjector(faults, seed=seed)
-        self._links = VideoLinks(clock=self._clock, ttl=url_ttl)
+        if self._state is not None:
+            self._state.track(self._store.unsaved)
+        self._links = VideoLinks(
+            clock=self._clock, ttl=url_ttl, key=None if self._header is None else self._header.key
+        )
+        self._links.bind_host = self._host
+        self._links.scheme = "https" if files_tls else "http"
         self._settings = Settings(
             concurrency_limit=concurrency_limit,
             forced_account_error=None,
             duplicate_external_id=duplicate_external_id,
             unknown_task=unknown_task,
             download_rate=download_rate,
+            visibility_lag=visibility_lag,
+            cometapi_lookups=cometapi_lookups,
         )
         self._admin = admin
         self._closing = asyncio.Event()
@@ -167,7 +229,10 @@ class Emulator:
             store=self._store,
             stats=self._stats,
             auth=Authenticator(
-                api_keys=self._api_keys, access_keys=self._access_keys, wall_clock=wall_clock
+                api_keys=self._api_keys,
+                access_keys=self._access_keys,
+                wall_clock=wall_clock,
+                strict=strict_auth,
             ),
             faults=self._faults,
             limiter=None if rate_limit is None else TokenBucket(rate_limit, rate_burst),
@@ -175,8 +240,20 @@ class Emulator:
             links=self._links,
             settings=self._settings,
             closing=self._closing,
+            persist=self._state,
+        )
+        self._files = FileServer(
+            seed=seed,
+            clock=self._clock,
+            store=self._store,
+            stats=self._stats,
+            faults=self._faults,
+            links=self._links,
+            settings=self._settings,
+            closing=self._closing,
         )
         self._url: str | None = None
+        self._files_url: str | None = None
         self._service: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -213,6 +290,7 @@ class Emulator:
             service.result()  # re-raises why it could not start (e.g. the port is taken)
             raise RuntimeError("the emulator stopped before it was ready")
         self._url = ready.result()
+        self._files_url = self._links.origin()
 
     async def aclose(self) -> None:
         """Stop serving and wait until everything the emulator started has ended. Idempotent."""
@@ -226,24 +304,33 @@ class Emulator:
             await self._service
 
     async def _serve(self, ready: asyncio.Future[str]) -> None:
-        """The one task that owns the server and the callback scheduler's task group."""
+        """The one task that owns both servers, the callback scheduler and the state file."""
         app = self._server.application()
         if self._admin:
             add_admin_routes(app, self)
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=_SHUTDOWN_TIMEOUT,
-        )
-        await runner.setup()
+        runners = [
+            web.AppRunner(
+                application,
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=_SHUTDOWN_TIMEOUT,
+            )
+            for application in (app, self._files.application())
+        ]
+        api, files = runners
+        set_up: list[web.AppRunner] = []
         try:
-            site = web.TCPSite(runner, self._host, self._port)
-            await site.start()
-            host, port = runner.addresses[0][:2]
-            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-            self._links.base_url = url
             self._clock.start()
+            await self._load_state()
+            for runner in runners:
+                await runner.setup()
+                set_up.append(runner)
+            await web.TCPSite(api, self._host, self._port).start()
+            tls = server_context() if self._files_tls else None
+            await web.TCPSite(files, self._host, self._files_port, ssl_context=tls).start()
+            host, port = api.addresses[0][:2]
+            self._links.port = files.addresses[0][1]
+            url = f"http://{format_host(host)}:{port}"
             # The session outlives the task group, so it closes outside the cancelled scope.
             async with (
                 aiohttp.ClientSession() as session,
@@ -255,7 +342,26 @@ class Emulator:
                 task_group.cancel_scope.cancel()
         finally:
             self._closing.set()
-            await runner.cleanup()
+            with anyio.CancelScope(shield=True):
+                for runner in set_up:
+                    await runner.cleanup()
+                if self._state is not None:
+                    await self._state.aclose()
+
+    async def _load_state(self) -> None:
+        """Open the state file and take in its tasks, as this account's ground truth."""
+        if self._state is None or self._header is None:
+            return
+        loaded = await self._state.open(self._header)
+        now = self._clock.now()
+        stats = self._stats
+        for task in loaded:
+            self._store.add(task)
+            stats.tasks_created += 1
+            if task.external_task_id is not None:
+                stats.created_per_external_id[task.external_task_id] += 1
+            self._callbacks.schedule(task, after=now)
+        stats.peak_active = self._store.active_count(now)
 
     # -- addresses and credentials -----------------------------------------------------------
 
@@ -265,6 +371,26 @@ class Emulator:
         if self._url is None:
             raise RuntimeError("the Emulator is not started yet: use `async with` or start()")
         return self._url
+
+    @property
+    def files_url(self) -> str:
+        """``http://127.0.0.1:PORT`` (``https://`` with ``files_tls``): the file origin.
+
+        Result URLs name the host the client used to reach the API (``localhost`` or
+        ``127.0.0.1``), so theirs may differ from this in the host name, never in the port.
+        """
+        if self._files_url is None:
+            raise RuntimeError("the Emulator is not started yet: use `async with` or start()")
+        return self._files_url
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client ``SSLContext`` that verifies the file origin's shipped certificate.
+
+        Full verification (host name included) against that one certificate and nothing else,
+        e.g. ``aiohttp.TCPConnector(ssl=emu.ssl_context())``. Usable with or without
+        ``files_tls`` and before start.
+        """
+        return client_context()
 
     @property
     def api_key(self) -> str:
@@ -303,15 +429,23 @@ class Emulator:
 
     @property
     def tasks(self) -> Mapping[str, EmulatedTask]:
-        """Every task created, by task id (a read-only live view)."""
+        """Every task created (and loaded from a state file), by task id (a read-only live view)."""
         return MappingProxyType(self._store.tasks)
 
     def active_tasks(self) -> int:
         """Tasks holding an account slot now (created and not completed)."""
         return self._store.active_count(self._clock.now())
 
+    @property
+    def seed(self) -> int:
+        """The seed in use (a state file's own, when one was given without a seed)."""
+        return self._seed
+
     def video_bytes(self, video_id: str) -> bytes:
-        """The exact bytes ``GET /files/{video_id}.mp4`` serves. KeyError for an unknown id."""
+        """The exact bytes ``GET {files_url}/files/{video_id}.mp4`` serves: a playable MP4.
+
+        KeyError for an unknown id.
+        """
         if self._store.video_owner(video_id) is None:
             raise KeyError(video_id)
         return _video_bytes(self._seed, video_id)
@@ -367,16 +501,41 @@ class Emulator:
         """
         self._links.ttl = ttl
 
+    def set_visibility_lag(self, lag: float) -> None:
+        """Tasks created from now on stay invisible to lookups by external id and to the list
+        for ``lag`` emulated seconds (0: visible at once). Tasks already created keep theirs."""
+        self._settings.visibility_lag = check_visibility_lag(lag)
+
+    def set_duplicate_policy(self, policy: DuplicatePolicy) -> None:
+        """What a create with an already used ``external_task_id`` gets, from now on."""
+        self._settings.duplicate_external_id = check_duplicate_policy(policy)
+
+    def set_result_url(self, template: str | None) -> None:
+        """Hand out ``template.format(video_id=..., files=<file origin>)`` as every video URL.
+
+        A test hook for hostile result URLs: with
+        ``"http://169.254.169.254/latest/meta-data/{video_id}"`` (a cloud metadata address),
+        ``"file:///etc/passwd"`` or ``"{files}/../../secret"``, a test checks that the client
+        refuses an untrusted URL instead of fetching it. ``None`` restores the real URLs. The
+        emulator serves nothing at such URLs; it only hands them out (in GETs, lists and
+        callbacks alike).
+        """
+        self._links.template = check_result_url(template)
+
     def settings_snapshot(self) -> dict[str, Any]:
         """The knobs a test may turn while the emulator runs, as plain values."""
         lifecycle = self._store.lifecycle
+        settings = self._settings
         return {
             "failure_rate": lifecycle.failure_rate,
             "median_duration": lifecycle.median_duration,
-            "concurrency_limit": self._settings.concurrency_limit,
-            "account_error": self._settings.forced_account_error,
-            "download_rate": self._settings.download_rate,
+            "concurrency_limit": settings.concurrency_limit,
+            "account_error": settings.forced_account_error,
+            "download_rate": settings.download_rate,
             "url_ttl": self._links.ttl,
+            "visibility_lag": settings.visibility_lag,
+            "duplicate_external_id": settings.duplicate_external_id,
+            "result_url": self._links.template,
         }
 
 

@@ -1,19 +1,26 @@
-"""The HTTP face of the emulator: routes, the order of checks, and fault delivery.
+"""The HTTP face of the emulator's API: routes, the order of checks, and fault delivery.
 
 Every API request goes through the same gates in the same order a real gateway applies them:
 rate limit (1302), authentication (401), then a fault draw (so a fault hits only a request the
 server would have processed), then the route's own work. Handlers are thin; the shapes live in
-``_wire``, the rules in ``_validation`` and ``_auth``, the tasks in ``_state``.
+``_wire``, the rules in ``_validation`` and ``_auth``, the tasks in ``_state``, the files in
+``_files`` (served on their own port) and the state file in ``_persist``.
+
+Two settings reproduce what real backends do to lookups. ``visibility_lag`` hides a new task
+from lookups by ``external_task_id`` and from the list for a while (an index that lags the
+write), while a GET by task id finds it at once. ``cometapi_lookups=False`` serves on the
+``/kling`` family only what CometAPI documents: no list and no external-id lookups.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-import anyio
 import attrs
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -21,15 +28,22 @@ from aiohttp.typedefs import Handler
 from ._auth import Authenticator, AuthError, AuthMode
 from ._callbacks import CallbackScheduler
 from ._clock import EmulatedClock
+from ._conn import drop, stall
 from ._faults import AFTER_COMMIT, BEFORE_COMMIT, FaultInjector, FaultKind
 from ._ratelimit import TokenBucket
 from ._state import EmulatedTask, EmulatorStats, TaskStore
 from ._validation import COMETAPI, OFFICIAL, InvalidRequest, parse_create
-from ._video import VideoLinks, video_bytes
+from ._video import VideoLinks
 from ._wire import cometapi_error, created, dumps, kling_error, success, task_object
+
+if TYPE_CHECKING:
+    from ._persist import StateFile
 
 DuplicatePolicy = Literal["reject", "return_first", "allow"]
 UnknownTaskStyle = Literal["kling_1201", "kling_1203", "new_api"]
+DUPLICATE_POLICIES: Final = ("reject", "return_first", "allow")
+
+logger = logging.getLogger("kling_async.testing")
 
 ACCOUNT_ERRORS: Final[Mapping[int, tuple[int, str]]] = {
     1100: (429, "Account exception"),
@@ -63,9 +77,25 @@ def kling_rejection(status: int, code: int, message: str) -> Rejection:
     return Rejection(status, kling_error(code, message), code)
 
 
+def check_duplicate_policy(policy: object) -> DuplicatePolicy:
+    if policy == "reject" or policy == "return_first" or policy == "allow":
+        return policy
+    raise ValueError(
+        f"duplicate_external_id must be one of {', '.join(DUPLICATE_POLICIES)}, got {policy!r}"
+    )
+
+
+def check_visibility_lag(lag: object) -> float:
+    if isinstance(lag, bool) or not isinstance(lag, int | float):
+        raise TypeError(f"visibility_lag must be a number of emulated seconds, got {lag!r}")
+    if not (lag >= 0 and math.isfinite(lag)):
+        raise ValueError(f"visibility_lag must be a finite number >= 0, got {lag!r}")
+    return float(lag)
+
+
 @attrs.define
 class Settings:
-    """What a test may change while the emulator runs."""
+    """What a test may change while the emulator runs (and the fixed behaviour switches)."""
 
     concurrency_limit: int | None
     forced_account_error: int | None
@@ -74,6 +104,54 @@ class Settings:
     #: Bytes per real second a file is served at (None: at once), so a test can catch a client
     #: in the middle of a download.
     download_rate: float | None = None
+    #: Emulated seconds a task created from now on stays hidden from lookups by external id and
+    #: from the list (a GET by task id sees it at once).
+    visibility_lag: float = 0.0
+    #: Whether the ``/kling`` family serves the list and the external-id lookups, which CometAPI
+    #: does not document.
+    cometapi_lookups: bool = True
+
+
+def count_error(stats: EmulatorStats, code: int | None) -> None:
+    """Count a Kling-envelope error answer in the ground truth."""
+    if code is None:
+        return
+    stats.sent_errors[code] += 1
+    if code == 1302:
+        stats.sent_1302 += 1
+    elif code == 1303:
+        stats.sent_1303 += 1
+
+
+def json_response(status: int, body: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, text=dumps(body), content_type="application/json")
+
+
+def before_commit(fault: FaultKind, faults: FaultInjector, stats: EmulatorStats) -> web.Response:
+    """The answer of a fault that strikes before any work (the API's and the file origin's)."""
+    stats.faults_injected[fault.value] += 1
+    if fault is FaultKind.HTML_502:
+        return web.Response(status=502, text=_BAD_GATEWAY_HTML, content_type="text/html")
+    if fault is FaultKind.COMETAPI_ERROR_ENVELOPE:
+        body = cometapi_error("Upstream request failed, please retry", "invalid_request")
+        return json_response(500, body)
+    status, code, message = faults.server_error()
+    count_error(stats, code)
+    return json_response(status, kling_error(code, message))
+
+
+def request_host(request: web.Request) -> str | None:
+    """The host name the client used to reach us (from ``Host``), or None if there is none.
+
+    Result URLs go to the same name, so a client that reached the API as ``localhost`` gets
+    file URLs on ``localhost``, one that used ``127.0.0.1`` gets ``127.0.0.1``: a client that
+    trusts "the API's own host" for downloads then works whichever name it was given.
+    """
+    try:
+        host = request.url.host
+    except ValueError:
+        return None
+    return host.lower() if host else None
 
 
 def _reject_json_constant(name: str) -> Any:
@@ -110,8 +188,10 @@ class KlingServer:
         links: VideoLinks,
         settings: Settings,
         closing: asyncio.Event,
+        persist: StateFile | None = None,
     ) -> None:
         self._seed = seed
+        self._persist = persist
         self._clock = clock
         self._store = store
         self._stats = stats
@@ -129,12 +209,11 @@ class KlingServer:
             app.router.add_post(f"{prefix}/videos/text2video", self._create)
             app.router.add_get(f"{prefix}/videos/text2video", self._query_collection)
             app.router.add_get(f"{prefix}/videos/text2video/{{task_id}}", self._query_one)
-        app.router.add_get("/files/{video_id}.mp4", self._download)
         return app
 
-    def render(self, task: EmulatedTask, at: float) -> dict[str, Any]:
-        """The task object as of ``at``, with freshly signed video URLs."""
-        return task_object(task, at, self._clock, self._links.url)
+    def render(self, task: EmulatedTask, at: float, host: str | None = None) -> dict[str, Any]:
+        """The task object as of ``at``, with freshly signed video URLs on ``host``."""
+        return task_object(task, at, self._clock, lambda video_id: self._links.url(video_id, host))
 
     # -- gates -------------------------------------------------------------------------------
 
@@ -159,51 +238,12 @@ class KlingServer:
 
     # -- answers -----------------------------------------------------------------------------
 
-    def _count_error(self, code: int | None) -> None:
-        if code is None:
-            return
-        self._stats.sent_errors[code] += 1
-        if code == 1302:
-            self._stats.sent_1302 += 1
-        elif code == 1303:
-            self._stats.sent_1303 += 1
-
     def _rejected(self, rejection: Rejection) -> web.Response:
-        self._count_error(rejection.code)
-        return web.Response(
-            status=rejection.status, text=dumps(rejection.body), content_type="application/json"
-        )
+        count_error(self._stats, rejection.code)
+        return json_response(rejection.status, rejection.body)
 
     def _before_commit(self, fault: FaultKind) -> web.Response:
-        self._stats.faults_injected[fault.value] += 1
-        if fault is FaultKind.HTML_502:
-            return web.Response(status=502, text=_BAD_GATEWAY_HTML, content_type="text/html")
-        if fault is FaultKind.COMETAPI_ERROR_ENVELOPE:
-            body = cometapi_error("Upstream request failed, please retry", "invalid_request")
-            return web.Response(status=500, text=dumps(body), content_type="application/json")
-        status, code, message = self._faults.server_error()
-        return self._rejected(kling_rejection(status, code, message))
-
-    def _drop(
-        self, request: web.Request, response: web.StreamResponse | None = None
-    ) -> web.StreamResponse:
-        """Close the connection without (the rest of) an answer.
-
-        Closing the transport and then returning a response is the clean way in aiohttp: writing
-        that response fails with a ConnectionError, which the server treats as a premature client
-        disconnect (a debug log line at most). Raising from the handler instead would log an
-        error and try to send a 500. ``close()`` (not ``abort()``) flushes what was already
-        written, so a cut download really delivers its first part.
-        """
-        transport = request.transport
-        if transport is not None:
-            transport.close()
-        return web.Response(status=204) if response is None else response
-
-    async def _stall(self) -> None:
-        """Wait ``stall_seconds`` real seconds, or until the emulator closes."""
-        with anyio.move_on_after(self._faults.stall_seconds):
-            await self._closing.wait()
+        return before_commit(fault, self._faults, self._stats)
 
     async def _send(
         self,
@@ -219,12 +259,12 @@ class KlingServer:
             assert fault is not None
             self._stats.faults_injected[fault.value] += 1
             if fault is FaultKind.DROP_AFTER_COMMIT:
-                return self._drop(request)
+                return drop(request)
             if fault is FaultKind.STALL_AFTER_COMMIT:
-                await self._stall()
+                await stall(self._faults.stall_seconds, self._closing)
             elif fault is FaultKind.TRUNCATED_JSON:
                 text = text[: len(text) // 2]
-        self._count_error(code)
+        count_error(self._stats, code)
         return web.Response(status=status, text=text, content_type="application/json")
 
     # -- create ------------------------------------------------------------------------------
@@ -238,10 +278,26 @@ class KlingServer:
                 assert fault is not None
                 return self._before_commit(fault)
             task = await self._commit(request, mode)
+            await self._durable(task)
         except Rejection as rejection:
             return self._rejected(rejection)
         now = self._clock.now()
         return await self._send(request, 200, success(created(task, now, self._clock)), fault)
+
+    async def _durable(self, task: EmulatedTask) -> None:
+        """Return once ``task`` is synced to the state file (at once without one).
+
+        The answer waits for it, so a client told about a task never loses it to a crash; a
+        failed write answers 500/5000, the ambiguous outcome a client must already handle (the
+        row stays queued and goes out with the next write).
+        """
+        if self._persist is None:
+            return
+        try:
+            await self._persist.saved(task)
+        except Exception:
+            logger.exception("could not write task %s to the state file", task.task_id)
+            raise kling_rejection(500, 5000, "Internal server error") from None
 
     async def _commit(self, request: web.Request, mode: AuthMode) -> EmulatedTask:
         forced = self._settings.forced_account_error
@@ -288,7 +344,10 @@ class KlingServer:
             external_task_id=external_task_id,
             callback_url=params.callback_url,
             request=params.body,
+            visibility_lag=self._settings.visibility_lag,
         )
+        if self._persist is not None:
+            self._persist.queue(task)
         stats = self._stats
         stats.tasks_created += 1
         if external_task_id is not None:
@@ -307,17 +366,34 @@ class KlingServer:
             return Rejection(400, {"code": "task_not_exist", "message": "task_not_exist"}, None)
         return kling_rejection(400, 1201, "Task not found")
 
-    def _one(self, task: EmulatedTask | None, what: str) -> dict[str, Any]:
+    def _one(self, task: EmulatedTask | None, what: str, host: str | None) -> dict[str, Any]:
         if task is None:
             raise self._not_found(what)
-        return success(self.render(task, self._clock.now()))
+        return success(self.render(task, self._clock.now(), host))
 
-    def _page(self, query: Mapping[str, str]) -> dict[str, Any]:
+    def _by_id(self, task_id: str, host: str | None) -> dict[str, Any]:
+        return self._one(self._store.get(task_id), task_id, host)
+
+    def _by_external_id(self, external_task_id: str, host: str | None) -> dict[str, Any]:
+        task = self._store.find_external(external_task_id, self._clock.now())
+        return self._one(task, f"external_task_id {external_task_id}", host)
+
+    def _page(self, query: Mapping[str, str], host: str | None) -> dict[str, Any]:
         page_num = _page_param(query, "pageNum", 1, PAGE_NUM_MAX)
         page_size = _page_param(query, "pageSize", PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)
         now = self._clock.now()
-        tasks = self._store.newest_first(page_num, page_size)
-        return success([self.render(task, now) for task in tasks])
+        tasks = self._store.newest_first(page_num, page_size, now)
+        return success([self.render(task, now, host) for task in tasks])
+
+    def _lookups_served(self, request: web.Request) -> bool:
+        """Whether this request's family serves the list and external-id lookups."""
+        return self._settings.cometapi_lookups or not request.path.startswith("/kling/")
+
+    def _invalid_url(self, request: web.Request, route: str) -> web.Response:
+        """What CometAPI's gateway answers for a route it does not have (before any auth)."""
+        self._stats.requests_per_route[route] += 1
+        message = f"Invalid URL ({request.method} {request.path})"
+        return json_response(404, cometapi_error(message, "invalid_url"))
 
     async def _query(
         self, request: web.Request, route: str, answer: Callable[[], dict[str, Any]]
@@ -339,85 +415,35 @@ class KlingServer:
             )
 
     async def _query_one(self, request: web.Request) -> web.StreamResponse:
-        """``GET .../text2video/{id}``: a task id, else an external id (protocol 1.1)."""
+        """``GET .../text2video/{id}``: a task id, else an external id (protocol 1.1).
+
+        Without lookups (``/kling`` with ``cometapi_lookups=False``) ``{id}`` is a task id only.
+        """
         ident = request.match_info["task_id"]
+        host = request_host(request)
         store = self._store
-        by_external_id = request.query.get("external_task_id", "").lower() == "true"
-        if by_external_id or (ident not in store.tasks and store.by_external_id(ident) is not None):
-            return await self._query(
-                request,
-                "get_by_external_id",
-                lambda: self._one(store.by_external_id(ident), f"external_task_id {ident}"),
-            )
-        return await self._query(
-            request,
-            "get",
-            lambda: self._one(store.tasks.get(ident) or store.by_external_id(ident), ident),
-        )
+        if self._lookups_served(request):
+            by_external_id = request.query.get("external_task_id", "").lower() == "true"
+            if by_external_id or (
+                ident not in store.tasks and store.by_external_id(ident) is not None
+            ):
+                return await self._query(
+                    request, "get_by_external_id", lambda: self._by_external_id(ident, host)
+                )
+        return await self._query(request, "get", lambda: self._by_id(ident, host))
 
     async def _query_collection(self, request: web.Request) -> web.StreamResponse:
         """``GET .../text2video``: the list, or a lookup with ``?external_task_id=X``."""
         external_task_id = request.query.get("external_task_id")
+        route = "list" if external_task_id is None else "get_by_external_id"
+        if not self._lookups_served(request):
+            return self._invalid_url(request, route)
+        host = request_host(request)
         if external_task_id is not None:
-            found = self._store.by_external_id
             return await self._query(
-                request,
-                "get_by_external_id",
-                lambda: self._one(found(external_task_id), f"external_task_id {external_task_id}"),
+                request, route, lambda: self._by_external_id(external_task_id, host)
             )
-        return await self._query(request, "list", lambda: self._page(request.query))
-
-    # -- files -------------------------------------------------------------------------------
-
-    async def _download(self, request: web.Request) -> web.StreamResponse:
-        """A result file. No auth, like a CDN's hotlink-protected URL: the signature is the key."""
-        self._stats.requests_per_route["download"] += 1
-        fault = self._faults.draw("download")
-        if fault in BEFORE_COMMIT:
-            assert fault is not None
-            return self._before_commit(fault)
-        video_id = request.match_info["video_id"]
-        owner = self._store.video_owner(video_id)
-        if owner is None or owner.status_at(self._clock.now()) != "succeed":
-            return web.Response(status=404, text="404 Not Found: no such file\n")
-        if not self._links.allows(video_id, request.query):
-            return web.Response(
-                status=403, text="403 Forbidden: the URL expired or its signature is invalid\n"
-            )
-        data = video_bytes(self._seed, video_id)
-        if fault is not None:
-            self._stats.faults_injected[fault.value] += 1
-        if fault is FaultKind.DROP_AFTER_COMMIT:
-            return self._drop(request)
-        if fault is FaultKind.STALL_AFTER_COMMIT:
-            await self._stall()
-        if fault is FaultKind.DROP_MID_DOWNLOAD:
-            response = web.StreamResponse(status=200, headers={"Content-Type": "video/mp4"})
-            response.content_length = len(data)
-            await response.prepare(request)
-            await response.write(data[: len(data) // 2])
-            return self._drop(request, response)
-        if self._settings.download_rate is not None:
-            return await self._trickle(request, data, self._settings.download_rate)
-        return web.Response(body=data, content_type="video/mp4")
-
-    async def _trickle(self, request: web.Request, data: bytes, rate: float) -> web.StreamResponse:
-        """Serve ``data`` at ``rate`` bytes per real second, in twentieths of a second."""
-        response = web.StreamResponse(status=200, headers={"Content-Type": "video/mp4"})
-        response.content_length = len(data)
-        await response.prepare(request)
-        step = max(1, int(rate / 20))
-        try:
-            for start in range(0, len(data), step):
-                await response.write(data[start : start + step])
-                with anyio.move_on_after(step / rate):
-                    await self._closing.wait()
-                if self._closing.is_set():
-                    return self._drop(request, response)
-        except ConnectionError:
-            return response  # the client went away mid-file: nothing more to do
-        await response.write_eof()
-        return response
+        return await self._query(request, route, lambda: self._page(request.query, host))
 
 
 def _page_param(query: Mapping[str, str], name: str, default: int, upper: int) -> int:

@@ -37,8 +37,12 @@ class EmulatedVideo:
 class EmulatedTask:
     """Everything the emulator decided about a task when it was created.
 
-    Times are emulated seconds since the emulator started. The status at any instant follows:
-    ``submitted`` until ``started_at``, ``processing`` until ``completes_at``, then ``outcome``.
+    Times are emulated seconds since the emulator started (negative for a task loaded from a
+    state file that was created before this emulator started). The status at any instant
+    follows: ``submitted`` until ``started_at``, ``processing`` until ``completes_at``, then
+    ``outcome``. ``visible_at`` is when lookups by ``external_task_id`` and the list start to see
+    it (``created_at`` plus the visibility lag in force at its creation); a GET by task id sees
+    it at once.
     """
 
     task_id: str
@@ -57,6 +61,9 @@ class EmulatedTask:
     final_unit_deduction: str
     request: Mapping[str, Any] = attrs.field(repr=False, eq=False)
     """The create body as received (unknown extra fields included), for tests to inspect."""
+    visible_at: float = attrs.field(
+        default=attrs.Factory(lambda self: self.created_at, takes_self=True)
+    )
 
     @property
     def video_ids(self) -> tuple[str, ...]:
@@ -81,6 +88,10 @@ class EmulatedTask:
     def is_active(self, t: float) -> bool:
         """Whether the task holds one of the account's parallel slots at ``t``."""
         return self.created_at <= t < self.completes_at
+
+    def is_visible(self, t: float) -> bool:
+        """Whether lookups by external id and the list see the task at ``t``."""
+        return t >= self.visible_at
 
 
 @attrs.frozen
@@ -129,6 +140,12 @@ class EmulatorStats:
     (routes: ``create``, ``get``, ``get_by_external_id``, ``list``, ``download``, and
     ``callback_sent`` for callback POSTs attempted). ``sent_errors`` counts Kling-envelope error
     answers by code; ``faults_injected`` counts injected faults by :class:`FaultKind` name.
+    ``download_head`` counts HEAD requests for files (which draw no faults).
+
+    With a state file (``Emulator(state_path=...)``), ``tasks_created`` and
+    ``created_per_external_id`` count the tasks loaded from it too: they are the account's
+    ground truth, and a test that restarts the emulator asks what the account holds, not what
+    this process happened to create. The other counters start at zero in each process.
     """
 
     tasks_created: int = 0
@@ -150,16 +167,30 @@ def _unit_deduction(mode: str, clip_seconds: int) -> str:
 
 
 class TaskStore:
-    """The account's tasks: creation (with seeded draws), lookups, paging and slot counting."""
+    """The account's tasks: creation (with seeded draws), lookups, paging and slot counting.
 
-    def __init__(self, *, seed: int, lifecycle: Lifecycle) -> None:
-        self._rng = random.Random(seed)
+    ``stream`` picks the random stream: 0 is ``random.Random(seed)`` (what a run without a state
+    file uses, so seeded runs stay as they were); a restart on a state file uses its session
+    number, so it draws new task and video ids instead of replaying the first session's.
+
+    Two things hide a task from lookups: its ``visible_at`` (the visibility lag) and not being
+    durable yet (``unsaved``: created, but its state-file write not yet synced). Uniqueness of
+    ``external_task_id`` is enforced at write, so :meth:`by_external_id` sees every task.
+    """
+
+    def __init__(self, *, seed: int, lifecycle: Lifecycle, stream: int = 0) -> None:
+        self._rng = random.Random(seed if stream == 0 else f"kling-emulator-tasks:{seed}:{stream}")
         self._lifecycle = lifecycle
         self.tasks: dict[str, EmulatedTask] = {}
         self._by_external_id: dict[str, str] = {}
+        # Later tasks with an already used external id (duplicate_external_id="allow"): rare.
+        self._more_by_external_id: dict[str, list[str]] = {}
         self._order: list[str] = []  # creation order, for the newest-first list
         self._completions: list[float] = []  # min-heap of completes_at of maybe-active tasks
         self._video_owner: dict[str, str] = {}
+        self.unsaved: set[str] = set()
+        # The largest visible_at - created_at of any task: older tasks are surely visible.
+        self._max_lag = 0.0
 
     def __len__(self) -> int:
         return len(self._order)
@@ -174,9 +205,32 @@ class TaskStore:
         self._lifecycle = lifecycle
 
     def by_external_id(self, external_task_id: str) -> EmulatedTask | None:
-        """The first task created with this external id, if any."""
+        """The first task created with this external id, visible or not (for uniqueness)."""
         task_id = self._by_external_id.get(external_task_id)
         return None if task_id is None else self.tasks[task_id]
+
+    def visible(self, task: EmulatedTask, now: float) -> bool:
+        """Whether lookups by external id and the list see ``task`` at ``now``."""
+        return task.is_visible(now) and task.task_id not in self.unsaved
+
+    def get(self, task_id: str) -> EmulatedTask | None:
+        """The task a GET by task id finds: any durable task, whatever its visibility lag."""
+        if task_id in self.unsaved:
+            return None
+        return self.tasks.get(task_id)
+
+    def find_external(self, external_task_id: str, now: float) -> EmulatedTask | None:
+        """The first task with this external id that lookups see at ``now``."""
+        first = self.by_external_id(external_task_id)
+        if first is None:
+            return None
+        if self.visible(first, now):
+            return first
+        for task_id in self._more_by_external_id.get(external_task_id, ()):
+            task = self.tasks[task_id]
+            if self.visible(task, now):
+                return task
+        return None
 
     def video_owner(self, video_id: str) -> EmulatedTask | None:
         task_id = self._video_owner.get(video_id)
@@ -189,12 +243,34 @@ class TaskStore:
             heapq.heappop(heap)
         return len(heap)
 
-    def newest_first(self, page_num: int, page_size: int) -> Iterator[EmulatedTask]:
-        """One page of the list endpoint: newest task first, pages numbered from 1."""
-        start = len(self._order) - 1 - (page_num - 1) * page_size
-        stop = max(start - page_size, -1)
+    def newest_first(
+        self, page_num: int, page_size: int, now: float | None = None
+    ) -> Iterator[EmulatedTask]:
+        """One page of the list endpoint: newest task first, pages numbered from 1.
+
+        With ``now``, only the tasks visible then are listed. Creation order is time order, so
+        only the tail of tasks younger than the largest lag ever used (or not yet durable) can
+        hide anything: that tail is filtered, the rest is paged by index. Without a lag a page
+        costs what it did before, whatever the number of tasks.
+        """
+        order, tasks = self._order, self.tasks
+        boundary = len(order)
+        tail: list[EmulatedTask] = []
+        if now is not None:
+            while boundary > 0:
+                task = tasks[order[boundary - 1]]
+                if task.created_at + self._max_lag <= now and task.task_id not in self.unsaved:
+                    break
+                if self.visible(task, now):
+                    tail.append(task)
+                boundary -= 1
+        skip = (page_num - 1) * page_size
+        yield from tail[skip : skip + page_size]
+        remaining = page_size - max(0, min(page_size, len(tail) - skip))
+        start = boundary - 1 - max(0, skip - len(tail))
+        stop = max(start - remaining, -1)
         for index in range(start, stop, -1):
-            yield self.tasks[self._order[index]]
+            yield tasks[order[index]]
 
     def create(
         self,
@@ -207,6 +283,7 @@ class TaskStore:
         external_task_id: str | None,
         callback_url: str | None,
         request: Mapping[str, Any],
+        visibility_lag: float = 0.0,
     ) -> EmulatedTask:
         """Draw a task's future and store it.
 
@@ -220,6 +297,8 @@ class TaskStore:
         z = rng.gauss(0.0, 1.0)
         fails = rng.random() < self._lifecycle.failure_rate
         video_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        while video_id in self._video_owner:  # only after a restart on a state file, if ever
+            video_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         tenths = 1 + rng.randrange(3)
 
         clip_seconds = int(duration)
@@ -242,12 +321,25 @@ class TaskStore:
             videos=videos,
             final_unit_deduction=_unit_deduction(mode, clip_seconds),
             request={sys.intern(key): value for key, value in request.items()},
+            visible_at=now + visibility_lag,
         )
+        self.add(task)
+        return task
+
+    def add(self, task: EmulatedTask) -> None:
+        """Store a task (a new one, or one loaded from a state file, in creation order)."""
+        task_id = task.task_id
+        if task_id in self.tasks:
+            raise ValueError(f"task {task_id} is already stored")
         self.tasks[task_id] = task
         self._order.append(task_id)
+        external_task_id = task.external_task_id
         if external_task_id is not None:
-            self._by_external_id.setdefault(external_task_id, task_id)
-        for video in videos:
+            if external_task_id in self._by_external_id:
+                self._more_by_external_id.setdefault(external_task_id, []).append(task_id)
+            else:
+                self._by_external_id[external_task_id] = task_id
+        for video in task.videos:
             self._video_owner[video.id] = task_id
+        self._max_lag = max(self._max_lag, task.visible_at - task.created_at)
         heapq.heappush(self._completions, task.completes_at)
-        return task
