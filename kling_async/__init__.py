@@ -15,13 +15,14 @@ The error tree is documented in :mod:`kling_async._errors`; the emulator for tes
 
 from ._auth import BearerAuth, JWTAuth
 from ._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, ClientStats, KlingClient
-from ._download import DEFAULT_MAX_BYTES, DownloadError, DownloadResult
+from ._download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_BYTES, DownloadResult
 from ._errors import (
     AccountError,
     AmbiguousSubmissionError,
     APIError,
     AuthenticationError,
     ConcurrencyLimitError,
+    DownloadError,
     InvalidRequestError,
     KlingError,
     PolicyError,
@@ -32,6 +33,7 @@ from ._errors import (
     TaskNotFoundError,
     ThrottledError,
     TransportError,
+    UnreachableError,
     ValidationError,
     WaitTimeoutError,
 )
@@ -65,6 +67,7 @@ __all__ = [
     "RetryPolicy",
     "BearerAuth",
     "JWTAuth",
+    "DEFAULT_DOWNLOAD_TIMEOUT",
     "DEFAULT_MAX_BYTES",
     # jobs
     "Job",
@@ -99,6 +102,7 @@ __all__ = [
     "ThrottledError",
     "TransportError",
     "UnknownModelWarning",
+    "UnreachableError",
     "ValidationError",
     "WaitTimeoutError",
     "__version__",

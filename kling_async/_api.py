@@ -1,9 +1,12 @@
 """One authenticated API call: auth header, one re-mint on 1003/1004, retries for safe calls.
 
 Reads (GET) are idempotent, so they retry everything a retry can fix: transport errors, 5xx,
-1302 and garbage bodies, with backoff bounded in attempts and time and honouring Retry-After.
-Creates are not idempotent; they use :meth:`Api.send_once` and decide for themselves
-(:mod:`._create`).
+1302 and garbage bodies, with backoff bounded in attempts and time and honouring Retry-After,
+and within the client's :class:`~._retry.RetryBudget` (a 1302 is flow control, not a
+failure, and is not charged to it). Creates are not idempotent; they use
+:meth:`Api.send_once` and decide for themselves (:mod:`._create`). Every outcome feeds the
+client's :class:`~._health.Health`; once it says the host is unreachable, reads that cannot
+connect stop retrying and raise its :class:`UnreachableError`.
 """
 
 from __future__ import annotations
@@ -17,15 +20,18 @@ from typing import Any
 import anyio
 
 from ._auth import Auth
+from ._budget import RetryBudget
 from ._errors import (
     AuthenticationError,
     KlingError,
     RateLimitError,
+    Redactor,
     ResponseDecodeError,
     ServerError,
     ThrottledError,
     TransportError,
 )
+from ._health import Health
 from ._http import HttpTransport, RawResponse
 from ._retry import RetryPolicy
 from ._wire import decode_envelope
@@ -54,13 +60,18 @@ class Api:
         before_request: Callable[[], Awaitable[None]] | None = None,
         on_rate_limited: Callable[[float | None], None] | None = None,
         rng: random.Random | None = None,
+        health: Health | None = None,
     ) -> None:
         self.transport = transport
         self.auth = auth
         self.retry = retry
+        self.budget = RetryBudget.of(retry)
+        self.health = health or Health(transport.host, unreachable_after=None)
         self._before_request = before_request
         self._on_rate_limited = on_rate_limited
         self.rng = rng or random.Random()
+        #: Cleans text that came from outside of this client's secrets (see ``Redactor``).
+        self.redact = Redactor(auth.secrets)
 
     async def send_once(
         self,
@@ -86,6 +97,7 @@ class Api:
                     response.body,
                     query=query,
                     header_request_id=response.request_id,
+                    redact=self.redact,
                 )
             except AuthenticationError as exc:
                 if exc.code in _REMINT_CODES and not reminted and self.auth.invalidate():
@@ -105,9 +117,40 @@ class Api:
     ) -> RawResponse:
         if self._before_request is not None:
             await self._before_request()
-        return await self.transport.send(
-            method, path, authorization=self.auth.header(), params=params, json_body=json_body
-        )
+        try:
+            response = await self.transport.send(
+                method,
+                path,
+                authorization=self.auth.header(),
+                params=params,
+                json_body=json_body,
+                redact=self.redact,
+            )
+        except TransportError as exc:
+            self.health.failed(exc)
+            raise
+        self.health.answered(server_error=response.status >= 500)
+        if self.budget is not None and response.status < 500 and response.status != 429:
+            self.budget.answered()
+        return response
+
+    def offered(self) -> None:
+        """A new operation's first request: it feeds the retry budget."""
+        if self.budget is not None:
+            self.budget.offered()
+
+    async def may_retry(self, failure: BaseException, *, wait: float) -> bool:
+        """Whether a retry of ``failure`` fits the client's retry budget (taking its cost),
+        waiting up to ``wait`` seconds for room.
+
+        Throttling (1302, 1303) is the server asking to wait, not failing: never charged.
+        """
+        if self.budget is None or isinstance(failure, ThrottledError):
+            return True
+        if await self.budget.acquire(wait=wait):
+            return True
+        log.debug("retry budget spent: not retrying (%s)", type(failure).__name__)
+        return False
 
     async def read(
         self,
@@ -115,10 +158,15 @@ class Api:
         *,
         params: Mapping[str, str] | None = None,
         query: bool = False,
+        offered: bool = True,
     ) -> Any:
-        """A GET, retried within the retry budget for every failure a retry can fix."""
+        """A GET, retried for every failure a retry can fix, within the retry policy and the
+        client's retry budget. ``offered=False`` marks a read that is itself a retry of a
+        failed operation, already paid for by its caller (it deposits nothing)."""
         deadline = time.monotonic() + self.retry.timeout
         attempt = 0
+        if offered:
+            self.offered()
         while True:
             attempt += 1
             try:
@@ -126,13 +174,27 @@ class Api:
             except KlingError as exc:
                 if not is_retryable_read_error(exc):
                     raise
+                unreachable = self.health.unreachable()
+                if (
+                    unreachable is not None
+                    and isinstance(exc, TransportError)
+                    and not exc.request_sent
+                ):
+                    raise unreachable from None
                 delay = self.retry.delay(
                     attempt,
                     rng=self.rng,
                     retry_after=getattr(exc, "retry_after", None),
                     throttled=isinstance(exc, RateLimitError),
                 )
+                verdict_in = self.health.until_verdict()
+                if verdict_in is not None:
+                    delay = min(delay, verdict_in)  # look again when the verdict would fall
                 if attempt >= self.retry.attempts or time.monotonic() + delay > deadline:
                     raise
+                started = time.monotonic()
+                room = min(max(delay, self.retry.remaining(attempt)), deadline - started)
+                if not await self.may_retry(exc, wait=room):
+                    raise
                 log.debug("GET %s failed (%s); retry %d in %.2fs", path, exc, attempt, delay)
-                await anyio.sleep(delay)
+                await anyio.sleep(max(0.0, delay - (time.monotonic() - started)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -51,6 +52,10 @@ class Auth(Protocol):
         """Forget a cached credential after a 1003/1004; True if a retry may now succeed."""
         ...
 
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret this auth holds or has sent: text from outside is redacted of them."""
+        ...
+
 
 @attrs.define(repr=False)
 class BearerAuth:
@@ -65,6 +70,9 @@ class BearerAuth:
 
     def invalidate(self) -> bool:
         return False
+
+    def secrets(self) -> tuple[str, ...]:
+        return (self._key,)
 
     def __repr__(self) -> str:
         return "BearerAuth(key=***)"
@@ -86,6 +94,8 @@ class JWTAuth:
     clock: Callable[[], float] | None = None
     _token: str | None = attrs.field(default=None, init=False)
     _expires_at: float = attrs.field(default=0.0, init=False)
+    #: The last tokens minted: a server may still echo one after it was replaced.
+    _minted: deque[str] = attrs.field(factory=lambda: deque(maxlen=8), init=False)
 
     kind = "jwt"
 
@@ -105,6 +115,7 @@ class JWTAuth:
                 headers={"typ": "JWT"},
             )
         self._token, self._expires_at = token, float(exp)
+        self._minted.append(token)
         return token
 
     def header(self) -> str:
@@ -116,6 +127,9 @@ class JWTAuth:
     def invalidate(self) -> bool:
         self._token = None
         return True
+
+    def secrets(self) -> tuple[str, ...]:
+        return (self._access_key, self._secret_key, *self._minted)
 
     def __repr__(self) -> str:
         return "JWTAuth(access_key=***, secret_key=***)"

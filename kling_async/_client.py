@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack
@@ -14,12 +15,20 @@ import anyio
 import anyio.abc
 import attrs
 
+from ._addresses import AddressPolicy
 from ._api import Api
 from ._auth import ENV_BASE_URL, auth_from
 from ._budget import RequestBudget
 from ._create import CreateSettings
-from ._download import DEFAULT_MAX_BYTES, DownloadResult, check_allowed_hosts, download_video
+from ._download import (
+    DEFAULT_DOWNLOAD_TIMEOUT,
+    DEFAULT_MAX_BYTES,
+    DownloadResult,
+    check_allowed_hosts,
+    download_video,
+)
 from ._errors import KlingError, ValidationError
+from ._health import Health
 from ._http import HttpTransport, Timeouts, redact_url
 from ._jobs import EventHub, Job, JobEvent, as_completed
 from ._models import Task, Text2VideoRequest
@@ -54,6 +63,11 @@ class ClientStats:
     active_limit: float  # the slot limit as learned so far (inf while unknown)
     peak_active: int
     following: int  # tasks the pollers follow
+    retries_refused: int = 0  # retries the client-wide retry budget did not allow
+    #: While the API host refuses every connect: what the last attempt said, and for how
+    #: many seconds it has been so (None and 0.0 once a request gets through).
+    connection_error: str | None = None
+    connection_failing_for: float = 0.0
 
 
 def _check_count(name: str, value: object, *, optional: bool = False) -> None:
@@ -83,6 +97,12 @@ class KlingClient:
     ``poll`` shapes polling and ``pollers`` is the number of poller coroutines. ``list_sweep``
     lets one list request stand in for many polls where the backend has the list endpoint
     (default: on where the profile says it has one, so off for CometAPI).
+
+    ``unreachable_after``: once every connect to the API host has failed for this many
+    seconds with no answer in between, the work waiting on it ends with
+    :class:`UnreachableError` (queued jobs, followed jobs, retrying calls) instead of
+    retrying on (None: never give up). ``ssl`` is the TLS context for every connection
+    (default: the system's trust store).
     """
 
     def __init__(
@@ -105,6 +125,8 @@ class KlingClient:
         max_requests_per_second: float | None = 20.0,
         pollers: int = 4,
         list_sweep: bool | None = None,
+        unreachable_after: float | None = 30.0,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
         self._auth = auth_from(api_key=api_key, access_key=access_key, secret_key=secret_key)
         default_profile = COMETAPI if self._auth.kind == "bearer" else OFFICIAL
@@ -127,6 +149,12 @@ class KlingClient:
         ):
             if not isinstance(value, int | float) or not value > 0:
                 raise ValidationError(name, value, "must be a number of seconds > 0")
+        if unreachable_after is not None and (
+            not isinstance(unreachable_after, int | float) or not 0 < unreachable_after < 1e9
+        ):
+            raise ValidationError(
+                "unreachable_after", unreachable_after, "must be a number of seconds > 0, or None"
+            )
         if not isinstance(settle_window, int | float) or settle_window < 0:
             raise ValidationError(
                 "settle_window", settle_window, "must be a number of seconds >= 0"
@@ -148,14 +176,17 @@ class KlingClient:
             self.base_url,
             timeouts=Timeouts(connect=connect_timeout, read=timeout),
             max_connections=max_connections,
+            ssl_context=ssl,
         )
         self._budget = RequestBudget(max_requests_per_second)
+        self._health = Health(self._transport.host, unreachable_after=unreachable_after)
         self._api = Api(
             self._transport,
             self._auth,
             retry=self.retry,
             before_request=self._budget.acquire,
             on_rate_limited=self._rate_limited,
+            health=self._health,
         )
         lookup = external_id_lookup
         self.text2video = Text2VideoResource(
@@ -174,6 +205,7 @@ class KlingClient:
             self._budget,
             retry=self.retry,
             settle_window=settle_window,
+            health=self._health,
             on_submitted=self._submitted,
         )
         self._pool = PollerPool(
@@ -199,8 +231,7 @@ class KlingClient:
             stack.callback(self._hub.close)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             submitters, pollers = self._workers
-            for _ in range(submitters):
-                self._task_group.start_soon(self._submitter.run, name="kling-submitter")
+            self._task_group.start_soon(self._submitter.run, submitters, name="kling-submitters")
             self._task_group.start_soon(self._pool.run, pollers, name="kling-poll-dispatcher")
             self._stack = stack.pop_all()
         return self
@@ -307,6 +338,9 @@ class KlingClient:
             active_limit=self._limit.limit,
             peak_active=self._limit.peak_active,
             following=len(self._pool.following),
+            retries_refused=self._api.budget.refused if self._api.budget is not None else 0,
+            connection_error=self._health.connect_error,
+            connection_failing_for=self._health.failing_for,
         )
 
     # --- engine callbacks -------------------------------------------------------------------
@@ -341,6 +375,9 @@ class KlingClient:
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
         allowed_hosts: Iterable[str] | None = None,
+        allow_private: bool = False,
+        timeout: float | None = DEFAULT_DOWNLOAD_TIMEOUT,  # noqa: ASYNC109 (a public budget)
+        stall_timeout: float | None = None,
         retry: RetryPolicy | None = None,
     ) -> DownloadResult:
         """Download a finished task's video to ``path``, atomically, and return its SHA-256.
@@ -348,17 +385,29 @@ class KlingClient:
         ``task`` is a :class:`Task` (its first video is fetched) or a task id (the task is
         fetched first). The file is streamed to a temporary file beside ``path``, synced and
         renamed into place, so ``path`` never holds a partial file; parent directories are
-        created. Only ``http``/``https`` URLs are fetched, never with the API credentials;
-        ``allowed_hosts`` restricts the hosts (``".example.com"`` allows its subdomains too),
-        every redirect included; a file over ``max_bytes`` is refused. Failures a retry can
-        fix are retried with ``retry`` (default: the client's policy); an expired URL
-        (403/404/410) makes it fetch the task again for a fresh one.
+        created. Only ``http``/``https`` URLs are fetched, never with the API credentials.
 
-        Raises :class:`DownloadError`, the :class:`KlingError` of a failed task fetch, or
-        :class:`OSError` when the file cannot be written.
+        Result URLs come from the network, so by default the download connects only to the
+        API's own host (any port) or to hosts whose addresses are all public, checked on the
+        address connected and on every redirect: never loopback, private, link-local and
+        the like, in any spelling. ``allowed_hosts`` names hosts to trust whatever their
+        addresses (``".example.com"`` covers its subdomains too); ``allow_private=True``
+        drops the address rule. A body that is not a video (HTML, JSON or text, or no MP4
+        ``ftyp`` box at its start) is refused and nothing is written; so is a file over
+        ``max_bytes``. ``timeout`` bounds the whole download in seconds, retries included,
+        and ``stall_timeout`` each wait for more of the body (default: the client's read
+        timeout). Failures a retry can fix are retried with ``retry`` (default: the client's
+        policy); an expired URL (403/404/410) makes it fetch the task again for a fresh one.
+
+        Raises :class:`DownloadError` (a refusal names the host and the rule; nothing is
+        connected to), the :class:`KlingError` of a failed task fetch, or :class:`OSError`
+        when the file cannot be written.
         """
         self._running()
-        allowed = check_allowed_hosts(allowed_hosts)
+        allowed = check_allowed_hosts(allowed_hosts) or frozenset()
+        if not isinstance(allow_private, bool):
+            raise ValidationError("allow_private", allow_private, "must be True or False")
+        policy = AddressPolicy.build(self._transport.host, allowed, allow_private=allow_private)
         if isinstance(task, str):
             task = await self.text2video.get(task)
         elif not isinstance(task, Task):
@@ -368,7 +417,9 @@ class KlingClient:
             self.text2video.get,
             task,
             Path(path),
+            policy=policy,
             max_bytes=max_bytes,
-            allowed_hosts=allowed,
+            timeout=timeout,
+            stall_timeout=stall_timeout,
             retry=retry or self.retry,
         )

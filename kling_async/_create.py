@@ -5,22 +5,31 @@ A create POST that times out may still have created, and billed, a task. The onl
 sorted by one question, "could the server have acted on it?":
 
 * provably not sent (connect refused, DNS, connect timeout) or throttled (1302, 1303): re-POST;
+  a 1303 in particular is a concurrency signal, never an ambiguity: no task was created;
 * ambiguous (read timeout, dropped after sending, 5xx, an unparsable 2xx): look the task up by
   ``external_task_id`` for a settle window and adopt what is found; re-POST only if nothing is;
-* a verdict (auth, account, invalid, policy): raise, never retry.
+* a re-sent create refused because its ``external_task_id`` already exists: that proves the
+  first create landed and is only slow to show; keep looking it up (bounded backoff) and adopt
+  it, never send again;
+* a verdict (auth, account, invalid, policy): raise, never retry (after one last look for an
+  earlier create that may have landed).
 
-If the task cannot be looked up, the SDK raises :class:`AmbiguousSubmissionError` carrying the
-``external_task_id`` instead of guessing.
+What is known about one job's creates lives in its :class:`CreateState`, which outlives a call
+(the engine keeps it across rounds; ``resume`` starts it unsettled). If the task cannot be
+looked up, :class:`AmbiguousSubmissionError` carries the ``external_task_id`` instead of a
+guess. A re-POST after an unsettled outcome can make a second task only on a backend that
+accepts a repeated ``external_task_id``; unless the backend is known to refuse repeats (its
+profile says so, or it refused one during this client's life), such a job is marked
+``possible_duplicate``.
 """
 
 from __future__ import annotations
 
 import logging
-import random
+import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import attrs
@@ -41,14 +50,38 @@ from ._errors import (
     TransportError,
 )
 from ._models import Task
+from ._profiles import RepeatedExternalId
 from ._retry import RetryPolicy
 from ._wire import structure_task
 
-__all__ = ["CreateSettings", "create_task", "new_external_task_id"]
+__all__ = [
+    "BackendFacts",
+    "CreateSettings",
+    "CreateState",
+    "LandedUnseen",
+    "Lookups",
+    "create_task",
+    "find_landed",
+    "is_duplicate_refusal",
+    "new_external_task_id",
+]
 
 log = logging.getLogger("kling_async")
 
-Lookup = Callable[[str], Awaitable[Task]]
+_DUPLICATE = re.compile(r"(?i)external[\s_-]*task[\s_-]*id|duplicat|already\s+(?:exist|used)")
+_FIRST_PAUSE = 0.05
+
+
+class Lookups(Protocol):
+    """Finding a task by ``external_task_id`` (see ``_resources.ExternalIdLookups``)."""
+
+    async def usable(self) -> bool:
+        """Whether lookups work on this backend (learned; False: a miss proves nothing)."""
+        ...
+
+    async def find(self, external_task_id: str, *, offered: bool = True) -> Task:
+        """The task, or :class:`TaskNotFoundError`."""
+        ...
 
 
 def new_external_task_id() -> str:
@@ -56,13 +89,71 @@ def new_external_task_id() -> str:
     return f"ka-{uuid.uuid4().hex}"
 
 
+def is_duplicate_refusal(exc: InvalidRequestError) -> bool:
+    """Whether a refused create says its ``external_task_id`` is already taken."""
+    return not isinstance(exc, TaskNotFoundError) and bool(_DUPLICATE.search(exc.message))
+
+
+@attrs.define
+class BackendFacts:
+    """What the client knows about the backend's handling of repeated ids, for one client."""
+
+    repeated_id: RepeatedExternalId | None = None
+
+    @property
+    def resend_is_safe(self) -> bool:
+        """A re-POST cannot make a second task (the backend refuses or dedupes repeats)."""
+        return self.repeated_id in ("reject", "return_first")
+
+
 @attrs.frozen(kw_only=True)
 class CreateSettings:
-    """``settle_window``: seconds to keep looking for a task after an ambiguous create."""
+    """``settle_window``: seconds to keep looking for a task after an ambiguous create.
+
+    ``retry_concurrency``: retry 1303 here (a direct ``create``), or raise it at once for the
+    engine, which waits for a slot. ``hand_off_landed``: raise :class:`LandedUnseen` for a
+    create proven landed but not visible yet, so that the engine looks for it without
+    holding a create worker, instead of looking here until it shows.
+    """
 
     retry: RetryPolicy
     settle_window: float = 5.0
     retry_concurrency: bool = True
+    hand_off_landed: bool = False
+
+
+@attrs.define
+class CreateState:
+    """One job's creates, across attempts, rounds and runs.
+
+    ``unsettled``: an earlier POST may have created the task and no lookup has settled it
+    (the cause, or a placeholder for "an earlier run may have sent it"). ``resent``: a POST
+    went out while unsettled. ``proven``: the server refused a re-send as a repeated id, so
+    the task exists. ``possible_duplicate``: the backend may hold two tasks for this job.
+    """
+
+    external_task_id: str
+    unsettled: BaseException | None = None
+    resent: bool = False
+    proven: bool = False
+    possible_duplicate: bool = False
+
+    @classmethod
+    def resumed(cls, external_task_id: str) -> CreateState:
+        """A create an earlier run may already have sent."""
+        return cls(external_task_id, unsettled=AmbiguousSubmissionError(external_task_id))
+
+
+class LandedUnseen(KlingError):
+    """A re-sent create was refused because its ``external_task_id`` exists: the task was
+    created, and lookups do not show it yet. The engine keeps looking (``find_landed``)."""
+
+    def __init__(self, state: CreateState) -> None:
+        self.state = state
+        super().__init__(
+            f"the task for external_task_id={state.external_task_id!r} exists but does not "
+            "show in lookups yet; still looking"
+        )
 
 
 def _is_ambiguous(exc: BaseException) -> bool:
@@ -72,30 +163,90 @@ def _is_ambiguous(exc: BaseException) -> bool:
 
 
 async def _settle(
-    lookup: Lookup | None,
-    external_task_id: str,
+    api: Api,
+    lookups: Lookups | None,
+    state: CreateState,
     window: float,
-    cause: BaseException,
-    rng: random.Random,
+    *,
+    first_offered: bool = False,
 ) -> Task | None:
-    """Look for the task for up to ``window`` seconds; None if it never shows up."""
-    if lookup is None:
+    """Look for the task for up to ``window`` seconds; None if it never shows up.
+
+    Each look after a failure is a retry and is paid from the client's retry budget; a look
+    the budget cannot pay for, or a backend whose lookups do not work, leaves the outcome
+    unknown: :class:`AmbiguousSubmissionError`.
+    """
+    cause = state.unsettled
+    assert cause is not None
+    external_task_id = state.external_task_id
+    if lookups is None or not await lookups.usable():
         raise AmbiguousSubmissionError(external_task_id, cause)
     deadline = time.monotonic() + window
-    pause = 0.05
+    pause = _FIRST_PAUSE
+    offered = first_offered
+    patience = api.retry.remaining(1)
     while True:
+        room = max(deadline - time.monotonic(), pause, patience)
+        if not offered and not await api.may_retry(cause, wait=room):
+            raise AmbiguousSubmissionError(external_task_id, cause)
         try:
-            return await lookup(external_task_id)
+            return await lookups.find(external_task_id, offered=offered)
         except TaskNotFoundError:
             pass
         except KlingError as exc:
-            # The lookup itself is broken or unsupported here: we cannot know, so we say so.
+            # The lookup itself failed or is unsupported here: we cannot know, so we say so.
             raise AmbiguousSubmissionError(external_task_id, exc) from exc
+        offered = False
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        await anyio.sleep(min(remaining, rng.uniform(pause / 2, pause)))
+        await anyio.sleep(min(remaining, api.rng.uniform(pause / 2, pause)))
         pause = min(pause * 2, 2.0)
+
+
+async def find_landed(api: Api, lookups: Lookups | None, state: CreateState, cap: float) -> Task:
+    """Look up a task the server said exists until it shows, with backoff up to ``cap``
+    seconds between looks. Never sends a create. Ends only with the task, or with an error
+    that makes looking pointless (lookups do not work here, or the account was refused)."""
+    external_task_id = state.external_task_id
+    pause = _FIRST_PAUSE
+    looks = 0
+    while True:
+        if lookups is None or not await lookups.usable():
+            raise AmbiguousSubmissionError(
+                external_task_id,
+                KlingError(
+                    "the server says a task with this external_task_id exists, and this "
+                    "backend cannot look tasks up by external_task_id"
+                ),
+            )
+        looks += 1
+        try:
+            task = await lookups.find(external_task_id)
+        except TaskNotFoundError:
+            pass
+        except (AuthenticationError, AccountError):
+            raise
+        except KlingError as exc:
+            log.debug("looking up external_task_id=%s failed (%s)", external_task_id, exc)
+        else:
+            log.info(
+                "adopted task %s for external_task_id=%s after %d lookups",
+                task.task_id,
+                external_task_id,
+                looks,
+            )
+            state.unsettled = None
+            return task
+        if looks in (1, 10, 100) or looks % 1000 == 0:
+            log.warning(
+                "the task for external_task_id=%s exists but is not visible yet; still "
+                "looking (%d lookups)",
+                external_task_id,
+                looks,
+            )
+        await anyio.sleep(api.rng.uniform(pause / 2, pause))
+        pause = min(pause * 2, cap)
 
 
 async def create_task(
@@ -103,53 +254,86 @@ async def create_task(
     path: str,
     body: dict[str, Any],
     *,
-    external_task_id: str,
-    lookup: Lookup | None,
+    state: CreateState,
+    lookups: Lookups | None,
     settings: CreateSettings,
-    earlier_ambiguity: BaseException | None = None,
+    facts: BackendFacts,
 ) -> Task:
-    """POST ``body`` until one task exists for ``external_task_id``; return it.
+    """POST ``body`` until one task exists for ``state.external_task_id``; return it.
 
-    ``earlier_ambiguity`` resumes a create whose earlier call ended ambiguous: the task is
-    looked up first, and a POST follows only if it is not found.
+    An unsettled ``state`` (a resumed job, or an earlier round that ended ambiguous) is
+    looked up first, and a POST follows only if the task is not found.
     """
     retry = settings.retry
     deadline = time.monotonic() + retry.timeout
+    external_task_id = state.external_task_id
     attempt = 0
-    ambiguous: BaseException | None = earlier_ambiguity
-    if earlier_ambiguity is not None:
+    if state.unsettled is not None:
         # The earlier call ended a while ago: one look is enough before deciding to POST.
-        found = await _settle(lookup, external_task_id, 0.0, earlier_ambiguity, api.rng)
+        found = await _settle(api, lookups, state, 0.0, first_offered=True)
         if found is not None:
+            state.unsettled = None
             return found
+    else:
+        api.offered()
     while True:
         attempt += 1
+        if state.unsettled is not None:
+            state.resent = True
+        failure: KlingError
         try:
             data = await api.send_once("POST", path, json_body=body)
-            task = structure_task(data)
+            task = structure_task(data, redact=api.redact)
         except ConcurrencyLimitError as exc:
             if not settings.retry_concurrency:
-                if ambiguous is not None:
-                    # The caller retries later; it must know a task may already exist.
-                    raise AmbiguousSubmissionError(external_task_id, ambiguous) from exc
-                raise
-            failure: KlingError = exc
-        except (InvalidRequestError, AccountError, AuthenticationError, PolicyError) as exc:
-            if ambiguous is not None:
-                # An earlier attempt may have created (and billed) the task, and this verdict
-                # may be about the repeat (a refused duplicate external_task_id, or the
-                # resource pack the first task used up): find the first task before failing.
-                found = await _settle(lookup, external_task_id, 0, ambiguous, api.rng)
+                raise  # no task was created; the caller waits for a slot (state kept)
+            failure = exc
+        except InvalidRequestError as exc:
+            if state.unsettled is not None and is_duplicate_refusal(exc):
+                # The repeat was refused because the first create landed: adopt, never resend.
+                facts.repeated_id = facts.repeated_id or "reject"
+                state.proven = True
+                state.resent = state.possible_duplicate = False
+                log.info(
+                    "create for external_task_id=%s refused as a repeat: the first one "
+                    "landed; looking it up",
+                    external_task_id,
+                )
+                if settings.hand_off_landed:
+                    raise LandedUnseen(state) from None
+                return await find_landed(api, lookups, state, retry.maximum)
+            if state.unsettled is not None:
+                found = await _settle(api, lookups, state, 0.0)
                 if found is not None:
+                    state.unsettled = None
                     return found
-                if isinstance(exc, InvalidRequestError):
-                    raise AmbiguousSubmissionError(external_task_id, ambiguous) from exc
+                raise AmbiguousSubmissionError(external_task_id, state.unsettled) from exc
+            raise
+        except (AccountError, AuthenticationError, PolicyError):
+            if state.unsettled is not None:
+                # An earlier attempt may have created (and billed) the task, and this verdict
+                # may be about the repeat (the resource pack the first task used up): find
+                # the first task before failing.
+                found = await _settle(api, lookups, state, 0.0)
+                if found is not None:
+                    state.unsettled = None
+                    return found
             raise
         except (TransportError, ThrottledError, ServerError, ResponseDecodeError) as exc:
             failure = exc
         else:
             if task.external_task_id is None:
                 task = attrs.evolve(task, external_task_id=external_task_id)
+            if state.resent and not facts.resend_is_safe:
+                state.possible_duplicate = True
+                log.warning(
+                    "create for external_task_id=%s was sent again after an unsettled "
+                    "outcome and the backend may accept repeated ids: task %s may be a "
+                    "second task for it",
+                    external_task_id,
+                    task.task_id,
+                )
+            state.unsettled = None
             return task
 
         if _is_ambiguous(failure):
@@ -158,21 +342,34 @@ async def create_task(
                 external_task_id,
                 type(failure).__name__,
             )
-            found = await _settle(
-                lookup, external_task_id, settings.settle_window, failure, api.rng
-            )
+            state.unsettled = failure
+            found = await _settle(api, lookups, state, settings.settle_window)
             if found is not None:
+                state.unsettled = None
                 return found
-            ambiguous = failure
 
+        not_sent = isinstance(failure, TransportError) and not failure.request_sent
+        unreachable = api.health.unreachable() if not_sent else None
         delay = retry.delay(
             attempt,
             rng=api.rng,
             retry_after=getattr(failure, "retry_after", None),
             throttled=isinstance(failure, ThrottledError),
         )
-        if attempt >= retry.attempts or time.monotonic() + delay > deadline:
-            if ambiguous is not None:
-                raise AmbiguousSubmissionError(external_task_id, ambiguous) from failure
-            raise failure
-        await anyio.sleep(delay)
+        verdict_in = api.health.until_verdict() if not_sent else None
+        if verdict_in is not None:
+            delay = min(delay, verdict_in)
+        started = time.monotonic()
+        if (
+            unreachable is not None
+            or attempt >= retry.attempts
+            or started + delay > deadline
+            or not await api.may_retry(
+                failure, wait=min(max(delay, retry.remaining(attempt)), deadline - started)
+            )
+        ):
+            final = unreachable or failure
+            if state.unsettled is not None:
+                raise AmbiguousSubmissionError(external_task_id, state.unsettled) from final
+            raise final
+        await anyio.sleep(max(0.0, delay - (time.monotonic() - started)))

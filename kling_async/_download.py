@@ -1,13 +1,21 @@
 """Result files, downloaded so that a crash never leaves a file that looks complete but is not.
 
-Kling's result URLs are hotlink-protected, expire, and point at a CDN the SDK does not control.
-So a download here:
+Kling's result URLs are hotlink-protected, expire, and point at a CDN the SDK does not control;
+they come from the network, like every redirect after them, so nothing about them is trusted.
+A download here:
 
-* streams into a temporary file next to the target (``.NAME.<random>.part``), hashing as it
-  goes, syncs it, renames it over the target with :func:`os.replace` and syncs the directory:
-  the target path holds either the old file or the complete new one, never a torn write;
-* refuses anything but ``http``/``https``, hosts outside an optional allowlist (checked on every
-  redirect hop too) and files over a size cap, before writing a byte where it can;
+* connects only where :class:`~._addresses.AddressPolicy` allows: the API's own host, or hosts
+  whose addresses are all public, checked on the address connected and on every redirect hop
+  (``allowed_hosts`` and ``allow_private`` widen it); only ``http`` and ``https``;
+* is bounded: a total deadline for the whole download (retries included) and a stall timeout
+  for each wait on the body, so a server that trickles a byte every few seconds cannot hold
+  it forever; and a size cap;
+* keeps only videos: a body announced as HTML, JSON or other text, or whose first bytes are not
+  an MP4 ``ftyp`` box, is refused before anything is written;
+* streams into a temporary file next to the target (``.NAME.<random>.part``, created with
+  ``O_EXCL`` so a planted link is never followed), hashing as it goes, syncs it, renames it
+  over the target with :func:`os.replace` and syncs the directory: the target path holds
+  either the old file or the complete new one, never a torn write;
 * never sends the API credentials: the file host gets the signed URL and nothing else;
 * retries what a retry can fix (connection failures, cut bodies, 5xx, 429) with the client's
   backoff, and on 403/404/410, the signs of an expired URL, fetches the task again for a
@@ -22,8 +30,8 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
@@ -31,15 +39,16 @@ from urllib.parse import urljoin, urlsplit
 import anyio
 import attrs
 
-from ._errors import KlingError, TransportError, ValidationError
+from ._addresses import AddressPolicy
+from ._errors import DownloadError, TransportError, ValidationError
 from ._http import ByteStream, HttpTransport, redact_url
 from ._models import Task, Video
 from ._retry import RetryPolicy, parse_retry_after
 
 __all__ = [
+    "DEFAULT_DOWNLOAD_TIMEOUT",
     "DEFAULT_MAX_BYTES",
     "PART_SUFFIX",
-    "DownloadError",
     "DownloadResult",
     "check_allowed_hosts",
     "download_video",
@@ -58,19 +67,13 @@ _MAX_REDIRECTS = 5
 #: Fresh URLs fetched per download before giving up (a URL that is dead as soon as it is
 #: issued is a server problem, not an expiry).
 _MAX_REFRESHES = 2
-
-
-class DownloadError(KlingError):
-    """A result file could not be downloaded, or was refused (scheme, host, size).
-
-    ``url`` is the URL without its query string (signatures stay out of messages) and
-    ``http_status`` the last HTTP status seen, if any.
-    """
-
-    def __init__(self, message: str, *, url: str = "", http_status: int | None = None) -> None:
-        self.url = url
-        self.http_status = http_status
-        super().__init__(message)
+#: The whole download, retries included, must finish within this many seconds by default.
+DEFAULT_DOWNLOAD_TIMEOUT = 600.0
+#: Content types that are certainly not a video, whatever the URL says.
+_NOT_VIDEO_TYPES = frozenset(
+    {"application/json", "application/xml", "application/javascript", "application/xhtml+xml"}
+)
+_SNIFF_BYTES = 8
 
 
 @attrs.frozen
@@ -103,7 +106,8 @@ class _Retryable(Exception):
 
 
 def check_allowed_hosts(hosts: Iterable[str] | None) -> frozenset[str] | None:
-    """Normalise an allowlist: lower-case host names; ``.example.com`` also allows subdomains."""
+    """Check and normalise ``allowed_hosts``: host names trusted whatever their addresses,
+    lower case; ``.example.com`` also covers its subdomains."""
     if hosts is None:
         return None
     if isinstance(hosts, str):
@@ -116,14 +120,7 @@ def check_allowed_hosts(hosts: Iterable[str] | None) -> frozenset[str] | None:
     return frozenset(normalised)
 
 
-def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
-    host = host.lower().rstrip(".")
-    if host in allowed:
-        return True
-    return any(entry.startswith(".") and host.endswith(entry) for entry in allowed)
-
-
-def _check_url(url: str, allowed: frozenset[str] | None) -> None:
+def _check_url(url: str) -> None:
     shown = redact_url(url)
     try:
         parts = urlsplit(url)
@@ -137,12 +134,16 @@ def _check_url(url: str, allowed: frozenset[str] | None) -> None:
         )
     if not host:
         raise DownloadError(f"refusing to download from {shown}: no host", url=shown)
-    if allowed is not None and not _host_allowed(host, allowed):
-        raise DownloadError(
-            f"refusing to download from {shown}: host {host!r} is not in the allowed hosts "
-            f"({', '.join(sorted(allowed))})",
-            url=shown,
-        )
+
+
+def _not_a_video(content_type: str | None) -> str | None:
+    """Why a Content-Type rules a body out as a video, or None."""
+    if not content_type:
+        return None
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if mime.startswith("text/") or mime in _NOT_VIDEO_TYPES or mime.endswith(("+json", "+xml")):
+        return f"its Content-Type is {mime}"
+    return None
 
 
 def _pick_video(task: Task, video_id: str | None) -> Video:
@@ -177,13 +178,39 @@ def _replace_durably(temporary: Path, target: Path) -> None:
         os.close(directory)
 
 
+async def _head(stream: ByteStream, chunks: AsyncIterator[bytes]) -> bytes:
+    """The first bytes of the body, enough to recognise an MP4 (the rest stays in ``chunks``).
+
+    Read before any file is created, so a body that is not a video leaves nothing behind.
+    """
+    head = b""
+    async for chunk in chunks:
+        head += chunk
+        if len(head) >= _SNIFF_BYTES:
+            break
+    if head[4:8] != b"ftyp":
+        raise DownloadError(
+            f"{stream.url} is not a video: its first bytes are not an MP4 ftyp box; nothing saved",
+            url=stream.url,
+            http_status=stream.status,
+        )
+    return head
+
+
 async def _write_body(
-    stream: ByteStream, file: BinaryIO, max_bytes: int, shown: str
+    stream: ByteStream, file: BinaryIO, head: bytes, rest: AsyncIterator[bytes], max_bytes: int
 ) -> tuple[int, str]:
-    """Copy the body into ``file`` and sync it; return (size, sha256)."""
+    """Copy ``head`` and the rest of the body into ``file`` and sync it; (size, sha256)."""
     digest = hashlib.sha256()
     size = 0
-    async for chunk in stream.chunks():
+    shown = stream.url
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        async for chunk in rest:
+            yield chunk
+
+    async for chunk in body():
         size += len(chunk)
         if size > max_bytes:
             raise DownloadError(
@@ -199,14 +226,25 @@ async def _write_body(
     return size, digest.hexdigest()
 
 
-async def _save(stream: ByteStream, target: Path, max_bytes: int, shown: str) -> tuple[int, str]:
-    """Stream the body into a temporary file beside ``target``, then move it into place."""
+async def _save(stream: ByteStream, target: Path, max_bytes: int) -> tuple[int, str]:
+    """Check the body is a video, stream it into a temporary file beside ``target``, then move
+    it into place."""
+    async with aclosing(stream.chunks()) as chunks:
+        head = await _head(stream, chunks)
+        return await _write_file(stream, target, head, chunks, max_bytes)
+
+
+async def _write_file(
+    stream: ByteStream, target: Path, head: bytes, rest: AsyncIterator[bytes], max_bytes: int
+) -> tuple[int, str]:
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}{PART_SUFFIX}")
-    # os.open honours the umask (mkstemp would make the clip 0600).
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    # os.open honours the umask (mkstemp would make the clip 0600); O_EXCL never follows a
+    # link planted at the name.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(temporary, flags, 0o666)
     try:
         with os.fdopen(fd, "wb") as file:
-            result = await _write_body(stream, file, max_bytes, shown)
+            result = await _write_body(stream, file, head, rest, max_bytes)
         await anyio.to_thread.run_sync(_replace_durably, temporary, target)
     except BaseException:
         with suppress(OSError):
@@ -221,13 +259,14 @@ async def _fetch(
     target: Path,
     *,
     max_bytes: int,
-    allowed: frozenset[str] | None,
+    policy: AddressPolicy,
+    stall_timeout: float | None,
 ) -> tuple[int, str]:
     """One attempt: follow up to five checked redirects, then save the body."""
     for _hop in range(_MAX_REDIRECTS + 1):
-        _check_url(url, allowed)
+        _check_url(url)
         shown = redact_url(url)
-        async with transport.stream(url) as stream:
+        async with transport.stream(url, policy=policy, stall_timeout=stall_timeout) as stream:
             status = stream.status
             if status in _REDIRECTS:
                 location = stream.header("Location")
@@ -243,6 +282,13 @@ async def _fetch(
                 )
             if status != 200:
                 raise DownloadError(f"{shown}: HTTP {status}", url=shown, http_status=status)
+            refusal = _not_a_video(stream.header("Content-Type"))
+            if refusal is not None:
+                raise DownloadError(
+                    f"{shown} is not a video: {refusal}; nothing saved",
+                    url=shown,
+                    http_status=status,
+                )
             length = stream.content_length
             if length is not None and length > max_bytes:
                 raise DownloadError(
@@ -250,7 +296,7 @@ async def _fetch(
                     url=shown,
                     http_status=status,
                 )
-            return await _save(stream, target, max_bytes, shown)
+            return await _save(stream, target, max_bytes)
     raise DownloadError(f"{redact_url(url)}: more than {_MAX_REDIRECTS} redirects")
 
 
@@ -260,29 +306,71 @@ async def download_video(
     task: Task,
     path: Path,
     *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    allowed_hosts: frozenset[str] | None = None,
+    policy: AddressPolicy,
     retry: RetryPolicy,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout: float | None = DEFAULT_DOWNLOAD_TIMEOUT,  # noqa: ASYNC109 (a documented budget)
+    stall_timeout: float | None = None,
     rng: random.Random | None = None,
 ) -> DownloadResult:
     """Download ``task``'s first video (see the module docstring for every rule).
 
-    ``refresh`` fetches the task again by id (for a fresh URL). Raises :class:`DownloadError`,
-    or the :class:`KlingError` of a refresh that failed (e.g. ``TaskNotFoundError``).
+    ``refresh`` fetches the task again by id (for a fresh URL). ``timeout`` bounds the whole
+    download, retries and refreshes included; ``stall_timeout`` each wait for more of the body
+    (None: the transport's read timeout). Raises :class:`DownloadError`, or the
+    :class:`KlingError` of a refresh that failed (e.g. ``TaskNotFoundError``).
     """
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
         raise ValidationError("max_bytes", max_bytes, "must be a whole number of bytes >= 1")
+    for name, value in (("timeout", timeout), ("stall_timeout", stall_timeout)):
+        if value is not None and (
+            not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 1e9
+        ):
+            raise ValidationError(name, value, "must be a number of seconds > 0, or None")
     rng = rng or random.Random()
     video = _pick_video(task, None)
     path.parent.mkdir(parents=True, exist_ok=True)
+    result: DownloadResult | None = None
+    with anyio.move_on_after(timeout) as scope:
+        result = await _download(
+            transport, refresh, task, video, path, policy, retry, max_bytes, stall_timeout, rng
+        )
+    if result is None or scope.cancelled_caught:
+        shown = redact_url(video.url)
+        raise DownloadError(
+            f"download for task {task.task_id} did not finish within {timeout:g} s "
+            f"({shown}); nothing saved",
+            url=shown,
+        )
+    return result
+
+
+async def _download(
+    transport: HttpTransport,
+    refresh: Callable[[str], Awaitable[Task]],
+    task: Task,
+    video: Video,
+    path: Path,
+    policy: AddressPolicy,
+    retry: RetryPolicy,
+    max_bytes: int,
+    stall_timeout: float | None,
+    rng: random.Random,
+) -> DownloadResult:
     deadline = time.monotonic() + retry.timeout
     attempt = 0
     refreshes = 0
     while True:
         attempt += 1
+        failure: TransportError | _Retryable | None = None
         try:
             size, digest = await _fetch(
-                transport, video.url, path, max_bytes=max_bytes, allowed=allowed_hosts
+                transport,
+                video.url,
+                path,
+                max_bytes=max_bytes,
+                policy=policy,
+                stall_timeout=stall_timeout,
             )
         except _Expired as expired:
             shown = redact_url(video.url)
@@ -304,13 +392,14 @@ async def download_video(
             video = _pick_video(task, video.id)
             continue
         except (TransportError, _Retryable) as exc:
-            delay = retry.delay(attempt, rng=rng, retry_after=getattr(exc, "retry_after", None))
-            if attempt >= retry.attempts or time.monotonic() + delay > deadline:
-                raise DownloadError(
-                    f"download for task {task.task_id} failed after {attempt} attempts: {exc}",
-                    url=redact_url(video.url),
-                ) from exc
-            log.info("download attempt %d failed (%s); retrying in %.2fs", attempt, exc, delay)
-            await anyio.sleep(delay)
-            continue
-        return DownloadResult(path=path, size=size, sha256=digest, task=task)
+            failure = exc
+        else:
+            return DownloadResult(path=path, size=size, sha256=digest, task=task)
+        delay = retry.delay(attempt, rng=rng, retry_after=getattr(failure, "retry_after", None))
+        if attempt >= retry.attempts or time.monotonic() + delay > deadline:
+            raise DownloadError(
+                f"download for task {task.task_id} failed after {attempt} attempts: {failure}",
+                url=redact_url(video.url),
+            ) from failure
+        log.info("download attempt %d failed (%s); retrying in %.2fs", attempt, failure, delay)
+        await anyio.sleep(delay)

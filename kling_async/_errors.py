@@ -15,7 +15,9 @@ Everything the SDK raises on purpose is a :class:`KlingError`::
     │   │   └── ConcurrencyLimitError      1303: too many tasks running for the account
     │   └── ServerError                5000-5002 and other 5xx
     ├── TransportError             no usable HTTP answer (connect failed, timeout, dropped)
+    │   └── UnreachableError           the API host could not be reached for a while: gave up
     ├── ResponseDecodeError        an answer that is not the JSON envelope (HTML, empty, truncated)
+    ├── DownloadError              a result file could not be fetched, or was refused
     ├── TaskFailedError            the task ran and ended "failed" (carries the task)
     ├── WaitTimeoutError           a wait ran out of time (also a TimeoutError)
     └── AmbiguousSubmissionError   a create may or may not have happened (carries external_task_id)
@@ -26,6 +28,8 @@ enough to ask Kling's support about it, and never a key, secret or token.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -38,6 +42,7 @@ __all__ = [
     "AmbiguousSubmissionError",
     "AuthenticationError",
     "ConcurrencyLimitError",
+    "DownloadError",
     "InvalidRequestError",
     "KlingError",
     "PolicyError",
@@ -48,8 +53,10 @@ __all__ = [
     "TaskNotFoundError",
     "ThrottledError",
     "TransportError",
+    "UnreachableError",
     "ValidationError",
     "WaitTimeoutError",
+    "Redactor",
     "api_error_class",
     "redact_url",
     "short_repr",
@@ -69,6 +76,42 @@ def snippet(body: bytes | str, limit: int = _SNIPPET) -> str:
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+#: Any bearer credential, known to us or not (an old JWT, a key a proxy added).
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+_MIN_SECRET = 4
+
+
+class Redactor:
+    """Replaces every secret of a client (keys, secrets, the tokens minted from them) and any
+    ``Bearer <token>`` with ``***`` in text that came from outside.
+
+    A server may echo the request (its ``Authorization`` header included) into an error
+    message, a request id or a body; that text must be cleaned before it enters a message,
+    and before it is cut to a snippet (a cut could leave half a key). ``secrets`` is called
+    each time, because a JWT client mints new tokens as it goes; the pattern is rebuilt only
+    when the set changes.
+    """
+
+    def __init__(self, secrets: Callable[[], Iterable[str]]) -> None:
+        self._secrets = secrets
+        self._known: frozenset[str] = frozenset()
+        self._pattern: re.Pattern[str] | None = None
+
+    def __call__(self, text: str) -> str:
+        current = frozenset(s for s in self._secrets() if len(s) >= _MIN_SECRET)
+        if current != self._known:
+            self._known = current
+            ordered = sorted(current, key=len, reverse=True)
+            self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        if self._pattern is not None:
+            text = self._pattern.sub("***", text)
+        return _BEARER.sub(r"\1***", text)
+
+
+def no_redaction(text: str) -> str:
+    return text
 
 
 def redact_url(url: str) -> str:
@@ -204,12 +247,34 @@ class TransportError(KlingError):
     """No usable HTTP answer: connect failure, timeout or a dropped connection.
 
     ``request_sent`` is False only when the request provably never left (connect refused, DNS,
-    connect timeout): only then is re-sending a create safe without a lookup.
+    TLS handshake, connect timeout): only then is re-sending a create safe without a lookup.
+    ``host`` is the host it was for. The library's own exception is never kept as the cause:
+    aiohttp's errors carry the request's headers, the ``Authorization`` header among them.
     """
 
-    def __init__(self, message: str, *, request_sent: bool) -> None:
+    def __init__(self, message: str, *, request_sent: bool, host: str | None = None) -> None:
         self.request_sent = request_sent
+        self.host = host
         super().__init__(message)
+
+
+class UnreachableError(TransportError):
+    """The API host could not be reached for ``seconds`` seconds in a row (connections refused,
+    DNS or TLS failures, connect timeouts) with no request getting through in between.
+
+    Raised for the work that waited on it: queued jobs end with it (nothing was sent for them)
+    and followed jobs end with it too (their ``task_id`` is kept: ``track`` them later).
+    """
+
+    def __init__(self, host: str, seconds: float, last: str) -> None:
+        self.seconds = seconds
+        self.last = last
+        super().__init__(
+            f"cannot reach {host} (for {seconds:.0f} s; last error: {last}): check the base "
+            "URL, the network and any proxy, then try again",
+            request_sent=False,
+            host=host,
+        )
 
 
 class ResponseDecodeError(KlingError):
@@ -225,6 +290,20 @@ class ResponseDecodeError(KlingError):
             f" (HTTP {http_status}; body starts: {body!r})" if body else f" (HTTP {http_status})"
         )
         super().__init__(message + detail)
+
+
+class DownloadError(KlingError):
+    """A result file could not be downloaded, or was refused (scheme, host or address, size,
+    content that is not a video, deadline).
+
+    ``url`` is the URL without its query string (signatures stay out of messages) and
+    ``http_status`` the last HTTP status seen, if any.
+    """
+
+    def __init__(self, message: str, *, url: str = "", http_status: int | None = None) -> None:
+        self.url = url
+        self.http_status = http_status
+        super().__init__(message)
 
 
 class TaskFailedError(KlingError):

@@ -1,22 +1,36 @@
-"""The HTTP shell: one aiohttp session, one attempt per call, exceptions made typed.
+"""The HTTP shell: aiohttp sessions, one attempt per call, exceptions made typed.
 
 This is the only module that imports the aiohttp client. It sends exactly one request per
 :meth:`HttpTransport.send` and says precisely how it failed, because the create path's
 exactly-once rule hangs on one question: could the request have reached the server?
+
+aiohttp's own exceptions are described in our messages but never kept as ``__cause__`` or
+``__context__``: several of them carry the request's headers, ``Authorization`` included, and
+an exception chain ends up in logs and tracebacks. Text that came from the server (a status
+line, a reason) passes through the caller's redactor first.
+
+Result files are fetched through separate sessions, one per :class:`AddressPolicy`, whose
+resolver enforces the policy on the addresses it hands to the connector (see ``_addresses``):
+a pooled connection is never shared between two policies.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+import socket
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import aiohttp.abc
+import aiohttp.resolver
 import attrs
 import yarl
 
-from ._errors import TransportError, redact_url
+from ._addresses import AddressPolicy, AddressRefused
+from ._errors import DownloadError, TransportError, no_redaction, redact_url
 from ._retry import parse_retry_after
 from ._version import __version__
 
@@ -24,13 +38,18 @@ __all__ = ["ByteStream", "HttpTransport", "RawResponse", "Timeouts", "redact_url
 
 log = logging.getLogger("kling_async")
 
+Redact = Callable[[str], str]
+
+_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+_OTHER_ERRORS = (TimeoutError, aiohttp.ClientError, OSError, ValueError)
+
 
 @attrs.frozen(kw_only=True)
 class Timeouts:
     """Seconds allowed to connect, and to wait for each read of an answer.
 
     No total cap: the read timeout already bounds a silent server, and a slow but moving
-    answer should not be cut.
+    answer should not be cut (downloads set their own overall deadline).
     """
 
     connect: float = 10.0
@@ -45,6 +64,27 @@ class RawResponse:
     retry_after: float | None = None
 
 
+def describe(exc: BaseException, redact: Redact = no_redaction) -> str:
+    """``Type: message`` for an aiohttp or OS error, with server-provided text redacted and
+    without the request details some of them carry in their arguments."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        text = f"HTTP {exc.status}, {exc.message}"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        text = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
+    else:
+        text = str(exc)
+    text = " ".join(redact(text).split())
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _refusal(exc: BaseException) -> AddressRefused | None:
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, AddressRefused):
+        return exc.os_error
+    return None
+
+
 class ByteStream:
     """An answer whose body is read in chunks (a result file), from :meth:`HttpTransport.stream`.
 
@@ -57,6 +97,11 @@ class ByteStream:
         self._url = url
 
     @property
+    def url(self) -> str:
+        """The URL without its query string (fit for messages)."""
+        return self._url
+
+    @property
     def status(self) -> int:
         return self._response.status
 
@@ -67,19 +112,47 @@ class ByteStream:
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
 
-    async def chunks(self, size: int = 64 * 1024) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_chunked(size):
-                yield chunk
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransportError(
-                f"GET {self._url}: the body was cut short ({type(exc).__name__}: {exc})",
-                request_sent=True,
-            ) from exc
+    async def chunks(self, size: int = 64 * 1024) -> AsyncGenerator[bytes, None]:
+        iterator = self._response.content.iter_chunked(size).__aiter__()
+        while True:
+            failure: TransportError | None = None
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except _OTHER_ERRORS as exc:
+                failure = TransportError(
+                    f"GET {self._url}: the body was cut short ({describe(exc)})",
+                    request_sent=True,
+                    host=self._response.url.host,
+                )
+            if failure is not None:
+                raise failure  # outside the handler: no aiohttp error in the chain
+            yield chunk
+
+
+class _GuardedResolver(aiohttp.abc.AbstractResolver):
+    """The system resolver, with the download policy applied to every answer: the connector
+    connects only to addresses this returns, so the check is on the address used."""
+
+    def __init__(self, policy: AddressPolicy) -> None:
+        self._inner = aiohttp.resolver.DefaultResolver()
+        self._policy = policy
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        self._policy.check_host(host)
+        results = await self._inner.resolve(host, port, family)
+        self._policy.check_resolved(host, [result["host"] for result in results])
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 class HttpTransport:
-    """Owns the aiohttp session; nothing else in the SDK touches aiohttp's client."""
+    """Owns the aiohttp sessions; nothing else in the SDK touches aiohttp's client."""
 
     def __init__(
         self,
@@ -87,32 +160,44 @@ class HttpTransport:
         *,
         timeouts: Timeouts,
         max_connections: int = 100,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.host = yarl.URL(self.base_url).host or ""
         self.timeouts = timeouts
         self._max_connections = max_connections
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
+        self._file_sessions: dict[AddressPolicy, aiohttp.ClientSession] = {}
 
-    async def open(self) -> None:
-        if self._session is not None:
-            return
+    def _new_session(self, resolver: aiohttp.abc.AbstractResolver | None) -> aiohttp.ClientSession:
         timeout = aiohttp.ClientTimeout(
             total=None,
             connect=self.timeouts.connect,
             sock_connect=self.timeouts.connect,
             sock_read=self.timeouts.read,
         )
-        self._session = aiohttp.ClientSession(
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, ssl=self._ssl, resolver=resolver
+        )
+        return aiohttp.ClientSession(
             timeout=timeout,
-            connector=aiohttp.TCPConnector(limit=self._max_connections),
+            connector=connector,
             headers={"User-Agent": f"kling-async/{__version__}", "Accept": "application/json"},
             raise_for_status=False,
         )
 
+    async def open(self) -> None:
+        if self._session is None:
+            self._session = self._new_session(None)
+
     async def aclose(self) -> None:
         session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        sessions = [session, *self._file_sessions.values()]
+        self._file_sessions = {}
+        for each in sessions:
+            if each is not None:
+                await each.close()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -122,6 +207,13 @@ class HttpTransport:
             )
         return self._session
 
+    def _file_session(self, policy: AddressPolicy) -> aiohttp.ClientSession:
+        self.session  # noqa: B018 (raises when the client is not open)
+        session = self._file_sessions.get(policy)
+        if session is None:
+            session = self._file_sessions[policy] = self._new_session(_GuardedResolver(policy))
+        return session
+
     async def send(
         self,
         method: str,
@@ -130,10 +222,12 @@ class HttpTransport:
         authorization: str,
         params: Mapping[str, str] | None = None,
         json_body: Any = None,
+        redact: Redact = no_redaction,
     ) -> RawResponse:
         """One HTTP request. Raises :class:`TransportError` when no full answer arrived."""
         url = self.base_url + path
         headers = {"Authorization": authorization}
+        failure: TransportError | None = None
         try:
             async with self.session.request(
                 method, url, params=params, json=json_body, headers=headers, allow_redirects=False
@@ -144,44 +238,74 @@ class HttpTransport:
                     "X-Kling-Request-Id"
                 )
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        except _CONNECT_ERRORS as exc:
             # Connect refused, DNS, TLS handshake, connect timeout: nothing left this machine.
-            raise TransportError(
-                f"{method} {path}: could not connect ({type(exc).__name__})", request_sent=False
-            ) from exc
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            failure = TransportError(
+                f"{method} {path}: could not connect to {self.host} ({describe(exc, redact)})",
+                request_sent=False,
+                host=self.host,
+            )
+        except _OTHER_ERRORS as exc:
             # Read timeout, reset, disconnect, bad payload: the server may have acted on it.
-            raise TransportError(
-                f"{method} {path}: no complete answer ({type(exc).__name__}: {exc})",
+            failure = TransportError(
+                f"{method} {path}: no complete answer from {self.host} ({describe(exc, redact)})",
                 request_sent=True,
-            ) from exc
+                host=self.host,
+            )
+        if failure is not None:
+            raise failure  # outside the handler, so the aiohttp error is not its __context__
         log.debug("%s %s -> HTTP %s (%d bytes)", method, path, status, len(body))
-        return RawResponse(status, body, request_id, retry_after)
+        return RawResponse(status, body, request_id and redact(request_id), retry_after)
 
     @asynccontextmanager
-    async def stream(self, url: str) -> AsyncIterator[ByteStream]:
+    async def stream(
+        self, url: str, *, policy: AddressPolicy, stall_timeout: float | None = None
+    ) -> AsyncIterator[ByteStream]:
         """GET an absolute URL (a result file) and hold the answer open to read it in chunks.
 
         No ``Authorization`` header is sent: result files live on a CDN that may belong to a
-        third party, and the signed URL is all it needs. Redirects are not followed, so that
-        the caller can check every hop against its rules. The URL is sent exactly as given
-        (``encoded=True``): re-quoting a signed URL would break its signature.
+        third party, and the signed URL is all it needs. The connection may go only where
+        ``policy`` allows (a :class:`DownloadError` otherwise, before any connection).
+        Redirects are not followed, so that the caller can check every hop. The URL is sent
+        exactly as given (``encoded=True``): re-quoting a signed URL would break its
+        signature. ``stall_timeout`` bounds each wait for more of the body.
         """
         shown = redact_url(url)
+        target = yarl.URL(url, encoded=True)
+        host = target.host or ""
         try:
-            response = await self.session.get(
-                yarl.URL(url, encoded=True),
-                allow_redirects=False,
-                headers={"Accept": "*/*"},
+            policy.check_host(host)
+        except AddressRefused as literal:
+            raise DownloadError(f"refusing to download {shown}: {literal}", url=shown) from None
+        timeout = None
+        if stall_timeout is not None:
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                connect=self.timeouts.connect,
+                sock_connect=self.timeouts.connect,
+                sock_read=stall_timeout,
             )
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise TransportError(
-                f"GET {shown}: could not connect ({type(exc).__name__})", request_sent=False
-            ) from exc
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-            raise TransportError(
-                f"GET {shown}: no answer ({type(exc).__name__}: {exc})", request_sent=True
-            ) from exc
+        failure: Exception | None = None
+        try:
+            response = await self._file_session(policy).get(
+                target, allow_redirects=False, headers={"Accept": "*/*"}, timeout=timeout
+            )
+        except _CONNECT_ERRORS as exc:
+            refused = _refusal(exc)
+            if refused is not None:
+                failure = DownloadError(f"refusing to download {shown}: {refused}", url=shown)
+            else:
+                failure = TransportError(
+                    f"GET {shown}: could not connect ({describe(exc)})",
+                    request_sent=False,
+                    host=host,
+                )
+        except _OTHER_ERRORS as exc:
+            failure = TransportError(
+                f"GET {shown}: no answer ({describe(exc)})", request_sent=True, host=host
+            )
+        if failure is not None:
+            raise failure
         try:
             log.debug("GET %s -> HTTP %s", shown, response.status)
             yield ByteStream(response, shown)

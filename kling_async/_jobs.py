@@ -117,6 +117,7 @@ class Job:
         "measured",
         "poll_age",
         "poll_token",
+        "possible_duplicate",
         "request",
         "started_at",
         "task",
@@ -138,6 +139,10 @@ class Job:
         self.external_task_id = external_task_id
         self.task: Task | None = None
         self.error: BaseException | None = None
+        #: True only where the backend may hold two tasks for this job: its create was sent
+        #: again after an outcome no lookup could settle, on a backend that may accept a
+        #: repeated external_task_id. ``task`` is the one this job follows.
+        self.possible_duplicate = False
         self._status = JobStatus.QUEUED
         self._feeds: list[_Feed[Task]] | None = None
         self._done_callbacks: list[Callable[[Job], None]] | None = None

@@ -27,6 +27,7 @@ from ._errors import (
     InvalidRequestError,
     KlingError,
     TaskNotFoundError,
+    UnreachableError,
 )
 from ._jobs import Job
 from ._models import Task
@@ -42,8 +43,11 @@ _PAGE_SIZE = 500
 _MAX_PAGE = 1000  # the list endpoint's pageNum range is 1..1000
 #: A task reported missing this many times in a row is given up (fresh tasks may lag the index).
 _MISSES_ALLOWED = 3
-#: Poll rounds (each already retried) that may fail in a row before a job ends with the error.
+#: Poll rounds (each already retried) that may fail in a row before a job ends with the error,
+#: and only once the failures have lasted this many ``max_interval``\ s: a storm of transient
+#: errors must not end jobs whose tasks are running fine.
 _FAILURES_ALLOWED = 10
+_FAILING_INTERVALS = 10
 #: Tasks of a list page applied between two yields to the event loop.
 _YIELD_EVERY = 100
 
@@ -75,6 +79,8 @@ class PollerPool:
         self._wakeup = anyio.Event()
         self._models: dict[ClassKey, DurationModel] = {}
         self._misses: dict[Job, int] = {}
+        #: When each job's current run of failed polls began.
+        self._failing_since: dict[Job, float] = {}
         self._sweeping: anyio.Event | None = None
         self._last_sweep = -math.inf
         #: Jobs the last sweep looked for and did not find: they are polled one by one.
@@ -195,21 +201,30 @@ class PollerPool:
             else:
                 self._schedule(job, time.monotonic() + self.policy.min_interval * 2**misses)
             return
-        except (AuthenticationError, AccountError, InvalidRequestError) as exc:
-            # A verdict about this task or this account: asking again cannot change it.
+        except (AuthenticationError, AccountError, InvalidRequestError, UnreachableError) as exc:
+            # A verdict about this task, this account or the host: asking again cannot
+            # change it (an unreachable host's jobs keep their task_id for track()).
             self._end(job, exc)
             return
         except KlingError as exc:
-            # Retries for this poll ran out; the task is not lost, just looked at later, and
+            # Retries for this poll ran out; the task is not lost, just looked at later (with
+            # a growing gap, so an outage costs few requests and recovery is seen soon), and
             # given up (its task_id kept on the job) only after many such rounds in a row.
             failures = self._misses[job] = self._misses.get(job, 0) + 1
-            if failures >= _FAILURES_ALLOWED:
+            since = self._failing_since.setdefault(job, time.monotonic())
+            lasted = time.monotonic() - since
+            if (
+                failures >= _FAILURES_ALLOWED
+                and lasted >= _FAILING_INTERVALS * self.policy.max_interval
+            ):
                 self._end(job, exc)
                 return
             log.warning("poll of task %s failed (%s); trying again later", job.task_id, exc)
-            self._schedule(job, time.monotonic() + self.policy.max_interval)
+            gap = min(self.policy.max_interval, self.policy.min_interval * 2**failures)
+            self._schedule(job, time.monotonic() + gap)
             return
         self._misses.pop(job, None)
+        self._failing_since.pop(job, None)
         self._apply(job, task, time.monotonic())
 
     def _apply(self, job: Job, task: Task, observed_at: float) -> None:
@@ -237,6 +252,7 @@ class PollerPool:
         if job.task_id is not None:
             self.following.pop(job.task_id, None)
         self._misses.pop(job, None)
+        self._failing_since.pop(job, None)
         self._missed_by_sweep.discard(job)
         self._on_end(job)
 

@@ -22,6 +22,7 @@ __all__ = [
     "OFFICIAL",
     "BackendProfile",
     "ExternalIdLookup",
+    "RepeatedExternalId",
     "UnknownModelWarning",
 ]
 
@@ -42,6 +43,10 @@ KNOWN_MODELS = (
 #: ``"path_flag"`` ``GET .../text2video/X?external_task_id=true``.
 ExternalIdLookup = Literal["query", "path", "path_flag"]
 
+#: What a backend does with a repeated ``external_task_id`` (protocol 7 calls it unverified):
+#: refuse it, answer with the first task, or accept it and create another.
+RepeatedExternalId = Literal["reject", "return_first", "accept"]
+
 _CLASSIC_DURATIONS = ("5", "10")
 _V3_DURATIONS = tuple(str(n) for n in range(3, 16))
 
@@ -56,7 +61,11 @@ class BackendProfile:
 
     ``supports_list`` says whether the list endpoint exists (undocumented on CometAPI), and
     ``external_id_lookup`` how to query by ``external_task_id`` (None where the backend cannot:
-    an ambiguous create then raises :class:`AmbiguousSubmissionError` instead of guessing).
+    an ambiguous create then raises :class:`AmbiguousSubmissionError` instead of guessing);
+    the client checks at run time which form works, on a task it knows exists.
+    ``repeated_external_id`` says what the backend does with a repeated ``external_task_id``
+    (None: unknown, so a create re-sent after an unsettled outcome marks its job
+    ``possible_duplicate``; a refusal seen at run time teaches "reject").
     """
 
     name: str
@@ -65,6 +74,7 @@ class BackendProfile:
     aspect_ratios: tuple[str, ...]
     supports_list: bool
     external_id_lookup: ExternalIdLookup | None = "query"
+    repeated_external_id: RepeatedExternalId | None = None
 
     def validate(self, request: Text2VideoRequest) -> None:
         """Raise :class:`ValidationError` for the first rule of this backend the request breaks."""

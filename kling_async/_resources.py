@@ -3,23 +3,39 @@
 Kling's video endpoints share one create / get / list shape (text2video, image2video, ...), so
 the logic lives in :class:`TaskResource` keyed by its path, and each endpoint is a thin subclass
 that knows its request type. Only text-to-video exists today.
+
+Lookups by ``external_task_id`` are undocumented on CometAPI and done three ways by public
+clients (protocol 1.1), so :class:`ExternalIdLookups` learns at run time which form the backend
+answers, by looking up a task the client knows exists, before a miss is trusted to mean
+"never created".
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import anyio
 import attrs
 
 from ._api import Api
-from ._create import CreateSettings, create_task, new_external_task_id
+from ._create import (
+    BackendFacts,
+    CreateSettings,
+    CreateState,
+    create_task,
+    find_landed,
+    new_external_task_id,
+)
 from ._errors import (
+    InvalidRequestError,
+    KlingError,
     TaskFailedError,
     TaskNotFoundError,
     ValidationError,
@@ -29,15 +45,142 @@ from ._models import Task, Text2VideoRequest
 from ._poll import PollPolicy
 from ._profiles import BackendProfile, ExternalIdLookup
 from ._schedule import DurationModel
-from ._wire import request_body, structure_task, structure_task_list
+from ._wire import Redact, request_body, structure_task, structure_task_list
 
-__all__ = ["TaskResource", "Text2VideoResource"]
+__all__ = ["ExternalIdLookups", "TaskResource", "Text2VideoResource"]
+
+log = logging.getLogger("kling_async")
+
+_FORMS: tuple[ExternalIdLookup, ...] = ("query", "path", "path_flag")
+#: After lookups were found not to work, look again this long after (a known task may only
+#: have been too new to show).
+_REPROBE_AFTER = 60.0
+#: A last look at a wait's deadline may take this long beyond it.
+_FINAL_LOOK_GRACE = 5.0
 
 
 def _check_page(name: str, value: object, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
         raise ValidationError(name, value, f"must be a whole number from 1 to {high}")
     return value
+
+
+def _pick_external(data: Any, external_task_id: str, redact: Redact) -> Task:
+    """Accept a task object or an array; adopt only a task that carries our id.
+
+    A server that ignored the lookup parameter and answered with some other task (or a
+    page of the list) must never make us adopt the wrong task.
+    """
+    candidates = (
+        structure_task_list(data, redact=redact)
+        if isinstance(data, list)
+        else [structure_task(data, redact=redact)]
+    )
+    for task in candidates:
+        if task.external_task_id == external_task_id:
+            return task
+    if len(candidates) == 1 and not isinstance(data, list):
+        task = candidates[0]
+        if task.external_task_id is None:
+            # Older bodies omit task_info; the server looked up what we asked for.
+            return attrs.evolve(task, external_task_id=external_task_id)
+    raise TaskNotFoundError(
+        f"no task with external_task_id={external_task_id!r}",
+        code=None,
+        http_status=200,
+    )
+
+
+class ExternalIdLookups:
+    """Finds tasks by ``external_task_id`` in the form the backend answers, learned at run time.
+
+    ``form`` None means never (the caller said the backend cannot). Otherwise the first time a
+    miss would matter (:meth:`usable`), a task this client knows exists is looked up by its
+    external id: in ``form`` if the caller chose one (``learn=False``), else in each of the
+    three forms until one finds it. If none does, lookups count as unsupported (a miss would
+    prove nothing), and ambiguous creates are reported instead of re-sent; that verdict is
+    checked again a minute later, since a known task may just have been too new to show.
+    """
+
+    def __init__(self, api: Api, path: str, form: ExternalIdLookup | None, *, learn: bool) -> None:
+        self._api = api
+        self._path = path
+        self.form = form
+        self._learn = learn and form is not None
+        self._verdict: Literal["unknown", "works", "broken"] = "unknown"
+        self._check_again_at = 0.0
+        #: (external_task_id, task_id) of tasks known to exist, oldest first.
+        self._known: deque[tuple[str, str]] = deque(maxlen=4)
+
+    @property
+    def configured(self) -> bool:
+        return self.form is not None
+
+    def remember(self, task: Task) -> None:
+        """A task known to exist, with its external id: material for the check."""
+        if self._verdict == "unknown" and task.external_task_id:
+            pair = (task.external_task_id, task.task_id)
+            if pair not in self._known:
+                self._known.append(pair)
+
+    async def usable(self) -> bool:
+        if self.form is None:
+            return False
+        if self._verdict == "works":
+            return True
+        if self._verdict == "broken" and time.monotonic() < self._check_again_at:
+            return False
+        if not self._known:
+            return True  # nothing to check against: trust the configured form
+        return await self._check()
+
+    async def _check(self) -> bool:
+        external_task_id, task_id = self._known[0]
+        assert self.form is not None
+        forms = [self.form, *(f for f in _FORMS if f != self.form)] if self._learn else [self.form]
+        for form in forms:
+            try:
+                task = await self._find(external_task_id, form, offered=True)
+            except (TaskNotFoundError, InvalidRequestError):
+                continue
+            except KlingError:
+                return True  # the server is failing: inconclusive, keep the form
+            if task.task_id != task_id:
+                continue
+            if form != self.form:
+                log.info("lookups by external_task_id work here in the %r form", form)
+            self.form, self._verdict = form, "works"
+            self._known.clear()
+            return True
+        self._verdict = "broken"
+        self._check_again_at = time.monotonic() + _REPROBE_AFTER
+        log.warning(
+            "lookups by external_task_id do not find a known task on this backend (tried "
+            "%s): an ambiguous create will be reported, not sent again",
+            ", ".join(forms),
+        )
+        return False
+
+    async def find(self, external_task_id: str, *, offered: bool = True) -> Task:
+        """The task with this external id, or :class:`TaskNotFoundError`."""
+        return await self._find(external_task_id, self.form or "query", offered=offered)
+
+    async def _find(self, external_task_id: str, form: ExternalIdLookup, *, offered: bool) -> Task:
+        quoted = quote(external_task_id, safe="")
+        read = self._api.read
+        if form == "query":
+            params = {"external_task_id": external_task_id}
+            data = await read(self._path, params=params, query=True, offered=offered)
+        elif form == "path":
+            data = await read(f"{self._path}/{quoted}", query=True, offered=offered)
+        else:
+            data = await read(
+                f"{self._path}/{quoted}",
+                params={"external_task_id": "true"},
+                query=True,
+                offered=offered,
+            )
+        return _pick_external(data, external_task_id, self._api.redact)
 
 
 class TaskResource:
@@ -52,13 +195,15 @@ class TaskResource:
         create_settings: CreateSettings,
         poll: PollPolicy,
         external_id_lookup: ExternalIdLookup | None,
+        learn_lookup: bool = True,
     ) -> None:
         self._api = api
         self._path = path
         self._profile = profile
         self._create_settings = create_settings
         self._poll = poll
-        self._lookup_form = external_id_lookup
+        self.lookups = ExternalIdLookups(api, path, external_id_lookup, learn=learn_lookup)
+        self.facts = BackendFacts(profile.repeated_external_id)
         self._rng = random.Random()
         self._models: dict[PollPolicy, DurationModel] = {}
 
@@ -76,28 +221,41 @@ class TaskResource:
 
     @property
     def can_look_up(self) -> bool:
-        """Whether tasks can be found by ``external_task_id`` here (ambiguity is resolvable)."""
-        return self._lookup_form is not None
+        """Whether tasks may be found by ``external_task_id`` here (ambiguity is resolvable)."""
+        return self.lookups.configured
 
     async def create_prepared(
         self,
         request: Text2VideoRequest,
         settings: CreateSettings,
-        *,
-        earlier_ambiguity: BaseException | None = None,
+        state: CreateState | None = None,
     ) -> Task:
-        """Create the task for a request that went through :meth:`prepare`."""
+        """Create the task for a request that went through :meth:`prepare`.
+
+        ``state`` carries what is known of earlier creates of this job (see ``_create``).
+        """
         external_task_id = request.external_task_id
         assert external_task_id is not None
-        return await create_task(
+        if state is None:
+            state = CreateState(external_task_id)
+        task = await create_task(
             self._api,
             self._path,
             request_body(request),
-            external_task_id=external_task_id,
-            lookup=self._find_external if self._lookup_form is not None else None,
+            state=state,
+            lookups=self.lookups if self.lookups.configured else None,
             settings=settings,
-            earlier_ambiguity=earlier_ambiguity,
+            facts=self.facts,
         )
+        self.lookups.remember(task)
+        return task
+
+    async def find_landed(self, state: CreateState) -> Task:
+        """The task of a create the server said exists, once lookups show it (see ``_create``)."""
+        lookups = self.lookups if self.lookups.configured else None
+        task = await find_landed(self._api, lookups, state, self._create_settings.retry.maximum)
+        self.lookups.remember(task)
+        return task
 
     async def get(self, task_id: str | None = None, *, external_task_id: str | None = None) -> Task:
         """The task's current snapshot, by ``task_id`` or by your ``external_task_id``.
@@ -112,50 +270,15 @@ class TaskResource:
             if not isinstance(task_id, str) or not task_id:
                 raise ValidationError("task_id", task_id, "must be a non-empty string")
             data = await self._api.read(f"{self._path}/{quote(task_id, safe='')}", query=True)
-            return structure_task(data)
+            task = structure_task(data, redact=self._api.redact)
+            self.lookups.remember(task)
+            return task
         assert external_task_id is not None
         if not isinstance(external_task_id, str) or not external_task_id:
             raise ValidationError(
                 "external_task_id", external_task_id, "must be a non-empty string"
             )
-        return await self._find_external(external_task_id)
-
-    async def _find_external(self, external_task_id: str) -> Task:
-        form = self._lookup_form or "query"
-        quoted = quote(external_task_id, safe="")
-        if form == "query":
-            data = await self._api.read(
-                self._path, params={"external_task_id": external_task_id}, query=True
-            )
-        elif form == "path":
-            data = await self._api.read(f"{self._path}/{quoted}", query=True)
-        else:
-            data = await self._api.read(
-                f"{self._path}/{quoted}", params={"external_task_id": "true"}, query=True
-            )
-        return self._pick_external(data, external_task_id)
-
-    @staticmethod
-    def _pick_external(data: Any, external_task_id: str) -> Task:
-        """Accept a task object or an array; adopt only a task that carries our id.
-
-        A server that ignored the lookup parameter and answered with some other task (or a
-        page of the list) must never make us adopt the wrong task.
-        """
-        candidates = structure_task_list(data) if isinstance(data, list) else [structure_task(data)]
-        for task in candidates:
-            if task.external_task_id == external_task_id:
-                return task
-        if len(candidates) == 1 and not isinstance(data, list):
-            task = candidates[0]
-            if task.external_task_id is None:
-                # Older bodies omit task_info; the server looked up what we asked for.
-                return attrs.evolve(task, external_task_id=external_task_id)
-        raise TaskNotFoundError(
-            f"no task with external_task_id={external_task_id!r}",
-            code=None,
-            http_status=200,
-        )
+        return await self.lookups.find(external_task_id)
 
     async def list(self, *, page: int = 1, page_size: int = 30) -> list[Task]:
         """One page of the account's tasks, newest first (the official API; 1..1000, 1..500)."""
@@ -164,15 +287,25 @@ class TaskResource:
         data = await self._api.read(
             self._path, params={"pageNum": str(page), "pageSize": str(page_size)}
         )
-        return structure_task_list(data)
+        return structure_task_list(data, redact=self._api.redact)
 
     async def watch(
         self, task_id: str, *, poll: PollPolicy | None = None
     ) -> AsyncGenerator[Task, None]:
         """Yield a snapshot each time the task's status changes; stop after the terminal one."""
-        policy = poll or self._poll
-        # The same inspection schedule the poller pool uses, from the policy's prior (one task
-        # alone teaches nothing); computed once per policy.
+        async with aclosing(self._follow(task_id, poll or self._poll, None)) as snapshots:
+            async for snapshot in snapshots:
+                yield snapshot
+
+    async def _follow(
+        self, task_id: str, policy: PollPolicy, deadline: float | None
+    ) -> AsyncGenerator[Task, None]:
+        """:meth:`watch`, ending at ``deadline`` (monotonic) too, with one look at it.
+
+        The schedule is the same inspection schedule the poller pool uses, from the policy's
+        prior (one task alone teaches nothing); computed once per policy. No sleep runs past
+        the deadline, so a task that ended before it is seen whatever the schedule.
+        """
         model = self._models.get(policy)
         if model is None:
             model = self._models[policy] = policy.duration_model()
@@ -185,9 +318,14 @@ class TaskResource:
                 yield task
             if task.is_terminal:
                 return
-            age = time.monotonic() - started
-            delay = model.next_age(age) - age
-            await anyio.sleep(policy.jittered(delay, self._rng))
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            age = now - started
+            delay = policy.jittered(model.next_age(age) - age, self._rng)
+            if deadline is not None:
+                delay = min(delay, deadline - now)
+            await anyio.sleep(delay)
 
     async def wait(
         self,
@@ -198,13 +336,22 @@ class TaskResource:
     ) -> Task:
         """The task once it ends. Raises :class:`TaskFailedError` if it failed and
         :class:`WaitTimeoutError` (a ``TimeoutError``) if ``timeout`` seconds pass first.
+
+        The task is looked at once more at the deadline, so one that ended before it is
+        returned whatever the poll schedule; that last look may take a few seconds more.
         """
+        if timeout is not None and (
+            not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0
+        ):
+            raise ValidationError("timeout", timeout, "must be a number of seconds >= 0, or None")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        limit = None if timeout is None else timeout + _FINAL_LOOK_GRACE
         last: Task | None = None
-        with anyio.move_on_after(timeout) as scope:
-            async with aclosing(self.watch(task_id, poll=poll)) as snapshots:
+        with anyio.move_on_after(limit):
+            async with aclosing(self._follow(task_id, poll or self._poll, deadline)) as snapshots:
                 async for snapshot in snapshots:
                     last = snapshot
-        if scope.cancelled_caught or last is None or not last.is_terminal:
+        if last is None or not last.is_terminal:
             raise WaitTimeoutError(task_id, timeout if timeout is not None else 0.0, last)
         if last.failed:
             raise TaskFailedError(last)

@@ -11,6 +11,7 @@ import math
 import random
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import attrs
 
@@ -20,6 +21,11 @@ __all__ = ["RetryPolicy", "parse_retry_after"]
 def _positive(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value > 0:
         raise ValueError(f"RetryPolicy.{attribute.name}={value!r} is invalid: must be > 0")
+
+
+def _ratio(_inst: object, attribute: Any, value: float | None) -> None:
+    if value is not None and not value >= 0:
+        raise ValueError(f"RetryPolicy.{attribute.name}={value!r} is invalid: must be >= 0 or None")
 
 
 @attrs.frozen(kw_only=True)
@@ -38,6 +44,20 @@ class RetryPolicy:
     maximum: float = attrs.field(default=30.0, validator=_positive)
     #: The least a 1302 ("too fast") waits, per the protocol's ">= 1 s".
     throttle_minimum: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    #: The client-wide retry budget: while every request fails, retries add at most this
+    #: fraction of the requests offered, plus ``budget_reserve`` (``_budget.RetryBudget``).
+    #: None: no budget, only the limits above.
+    budget_ratio: float | None = attrs.field(default=0.2, validator=_ratio)
+    budget_reserve: float = attrs.field(default=3.0, validator=attrs.validators.ge(1))
+
+    def remaining(self, retry_number: int) -> float:
+        """The longest the back-off from retry ``retry_number`` to the last would wait: how
+        long a retry may wait for room in the retry budget without making a failing call
+        slower than its schedule already makes it."""
+        total = 0.0
+        for number in range(max(1, retry_number), self.attempts):
+            total += min(self.maximum, self.initial * 2 ** (number - 1))
+        return min(total, self.timeout)
 
     def delay(
         self,

@@ -3,8 +3,12 @@
 Kling counts parallel tasks per account and answers 1303 past the limit, creating nothing.
 The limit is not published (it depends on the resource pack), so :class:`AdaptiveLimit` learns
 it: a 1303 lowers the limit to the tasks we hold, and the submitter then waits for one of them
-to end; sustained success probes one slot higher, and each failed probe doubles the successes
-required before the next, so a fixed limit costs only a logarithmic number of 1303s.
+to end. Sustained success at the limit probes one slot higher: a refused probe doubles the
+successes required before the next (up to a cap, so a cap that rises is still found), so a
+fixed limit costs only a logarithmic number of 1303s; an accepted probe is followed by the next
+one after a single success, so a raised cap is climbed a slot per finished task rather than a
+slot per several. (Probing by more than a slot at a time would cost a burst of 1303s whenever
+a probe is accepted only because a task ended unnoticed.)
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from collections import deque
 from collections.abc import Callable
 
 import anyio
+import anyio.abc
 import attrs
 
 from ._budget import RequestBudget
-from ._create import CreateSettings
+from ._create import CreateSettings, CreateState, LandedUnseen
 from ._errors import (
     AccountError,
     AmbiguousSubmissionError,
@@ -29,7 +34,9 @@ from ._errors import (
     KlingError,
     RateLimitError,
     TransportError,
+    UnreachableError,
 )
+from ._health import Health
 from ._jobs import Job, JobStatus
 from ._models import Task
 from ._resources import Text2VideoResource
@@ -39,22 +46,30 @@ __all__ = ["AdaptiveLimit", "Submitter"]
 
 log = logging.getLogger("kling_async")
 
-_FIRST_PROBE_AFTER = 4
-#: Rounds a job whose create stays ambiguous is queued again (each starts with a lookup).
+#: A job whose create stays ambiguous is queued again (each round starts with a lookup) for
+#: at least this many rounds and as long as the retry policy's timeout: a storm that fails
+#: most lookups must not end jobs whose first create may well have landed.
 _AMBIGUOUS_ROUNDS = 6
-#: Rounds a job whose create cannot reach the server is queued again before it fails.
-_UNREACHABLE_ROUNDS = 8
+_FIRST_PROBE_AFTER = 4
+#: Successes at the limit between probes never exceed this, so a raised cap is found.
+_MAX_PROBE_AFTER = 256
 
 
 class AdaptiveLimit:
     """Kling slots: ``active`` tasks held (create in flight or task not yet ended) against a
     ``limit`` that stays within [1, ``ceiling``]. ``ceiling`` None means unknown: start
-    unbounded and learn from the first 1303."""
+    unbounded and learn from the first 1303. See the module docstring for probing.
+
+    Each create that :meth:`acquire` lets through ends in exactly one of :meth:`on_success`,
+    :meth:`on_concurrency_limit`, :meth:`on_failure` (no task: the slot is freed) or
+    :meth:`on_landed` (the task exists, not seen yet: the slot stays held).
+    """
 
     def __init__(self, ceiling: int | None) -> None:
         self.ceiling: float = math.inf if ceiling is None else ceiling
         self.limit: float = self.ceiling
         self.active = 0
+        self.in_flight = 0  # creates sent and not answered yet
         self.peak_active = 0
         self.throttled = 0  # 1303 answers seen
         #: No create starts before this instant (after a 1303 while we hold no slot at all).
@@ -62,7 +77,10 @@ class AdaptiveLimit:
         self._idle_throttles = 0
         self._successes = 0
         self._probe_after = _FIRST_PROBE_AFTER
-        self._probing = False
+        #: After an accepted probe the next one goes after a single success.
+        self._climbing = False
+        #: While probing: the limit before the probe (a task beyond it proves the probe).
+        self._probe_from: float | None = None
         self._changed = anyio.Event()
 
     def _notify(self) -> None:
@@ -82,6 +100,7 @@ class AdaptiveLimit:
             else:
                 break
         self.hold()
+        self.in_flight += 1
 
     def hold(self) -> None:
         """Count a slot without waiting (a task followed with ``track`` holds one too)."""
@@ -89,32 +108,54 @@ class AdaptiveLimit:
         self.peak_active = max(self.peak_active, self.active)
 
     def release(self) -> None:
+        """A task ended: its slot is free."""
         if self.active <= 0:
             log.error("slot released twice; the count stays at zero")
             return
         self.active -= 1
         self._notify()
 
+    def _answered(self) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+
+    def on_failure(self) -> None:
+        """A create ended without a task (an error other than 1303)."""
+        self._answered()
+        self.release()
+
+    def on_landed(self) -> None:
+        """A create made a task that is not visible yet: it keeps its slot."""
+        self._answered()
+
     def on_success(self) -> None:
+        self._answered()
         self._idle_throttles = 0
+        if self._probe_from is not None:
+            existing = self.active - self.in_flight  # tasks known to exist, this one included
+            if existing <= self._probe_from:
+                return  # an older create; the probe's own answer is still to come
+            self._probe_from = None
+            self._climbing = True  # the account took one more: try the next soon
         if self.active < self.limit or self.limit >= self.ceiling:
             return
         self._successes += 1
-        if self._successes >= self._probe_after:
+        if self._successes >= (1 if self._climbing else self._probe_after):
             self._successes = 0
-            self._probing = True
-            self.limit += 1
+            self._probe_from = self.limit
+            self.limit = min(self.ceiling, self.limit + 1)
             self._notify()
 
     def on_concurrency_limit(self, retry: RetryPolicy, rng: random.Random) -> None:
         """A 1303 for the create holding one slot: that slot is released, and the server's
         limit is at most the tasks we still hold. Holding none (other clients of the account
         hold the slots), no task of ours will end to free one, so creates back off instead."""
+        self._answered()
         self.throttled += 1
         self.active = max(0, self.active - 1)
-        if self._probing:
-            self._probe_after *= 2
-            self._probing = False
+        if self._probe_from is not None:
+            self._probe_after = min(self._probe_after * 2, _MAX_PROBE_AFTER)
+            self._probe_from = None
+        self._climbing = False
         self.limit = max(1, min(self.limit, self.active))
         self._successes = 0
         if self.active == 0:
@@ -130,7 +171,13 @@ class SubmitStats:
 
 
 class Submitter:
-    """Drains the job queue with ``workers`` create coroutines (``max_concurrent_submits``)."""
+    """Drains the job queue with ``workers`` create coroutines (``max_concurrent_submits``).
+
+    Each job's :class:`CreateState` is kept here across its rounds, so a create once
+    ambiguous stays so (and is looked up first) until a lookup or a POST settles it; a 1303
+    changes nothing about it. A job proven created but not yet visible is looked for by a
+    finder in the submitter's own task group, holding its slot, so the create workers move on.
+    """
 
     def __init__(
         self,
@@ -140,14 +187,19 @@ class Submitter:
         *,
         retry: RetryPolicy,
         settle_window: float,
+        health: Health,
         on_submitted: Callable[[Job, Task, float], None],
     ) -> None:
         self._resource = resource
         self.limit = limit
         self._budget = budget
         self._retry = retry
+        self._health = health
         self._settings = CreateSettings(
-            retry=retry, settle_window=settle_window, retry_concurrency=False
+            retry=retry,
+            settle_window=settle_window,
+            retry_concurrency=False,
+            hand_off_landed=True,
         )
         self._on_submitted = on_submitted
         self._rng = random.Random()
@@ -155,10 +207,13 @@ class Submitter:
         self._work = anyio.Event()
         self.fatal: BaseException | None = None
         self.stats = SubmitStats()
-        #: Jobs whose last create ended ambiguous, with the rounds they have had.
-        self._unsettled: dict[Job, tuple[int, BaseException]] = {}
-        #: Jobs whose creates could not reach the server, with the rounds they have had.
-        self._unreachable: dict[Job, int] = {}
+        self._states: dict[Job, CreateState] = {}
+        #: Rounds each job has had that ended ambiguous (and when the first did), or could
+        #: not connect.
+        self._rounds: dict[Job, int] = {}
+        self._ambiguous_since: dict[Job, float] = {}
+        self._unreachable_rounds: dict[Job, int] = {}
+        self._task_group: anyio.abc.TaskGroup | None = None
 
     @property
     def queued(self) -> int:
@@ -169,8 +224,12 @@ class Submitter:
         if self.fatal is not None:
             self._reject(job, self.fatal)
             return
-        if resume and job.external_task_id is not None:
-            self._unsettled[job] = (0, AmbiguousSubmissionError(job.external_task_id))
+        assert job.external_task_id is not None
+        self._states[job] = (
+            CreateState.resumed(job.external_task_id)
+            if resume
+            else CreateState(job.external_task_id)
+        )
         self._queue.append(job)
         self._work.set()
 
@@ -189,75 +248,105 @@ class Submitter:
         while self._queue:
             self._reject(self._queue.popleft(), error)
 
-    async def run(self) -> None:
-        """One create coroutine; the client starts ``max_concurrent_submits`` of them."""
+    def _give_up_unreachable(self, error: UnreachableError) -> None:
+        """The host is unreachable: every queued job ends now, not one connect at a time.
+        Not permanent: jobs submitted later try again."""
+        while self._queue:
+            self._reject(self._queue.popleft(), error)
+
+    async def run(self, workers: int) -> None:
+        """The create coroutines, and the finders of jobs proven created, in one task group."""
+        async with anyio.create_task_group() as task_group:
+            self._task_group = task_group
+            for _ in range(workers):
+                task_group.start_soon(self._work_loop, name="kling-submitter")
+
+    async def _work_loop(self) -> None:
         while True:
             job = await self._next_job()
             await self.limit.acquire()
             if self.fatal is not None:
-                self.limit.release()
+                self.limit.on_failure()
                 self._reject(job, self.fatal)
                 continue
             await self._submit(job)
 
     async def _submit(self, job: Job) -> None:
         assert job.request is not None
+        state = self._states[job]
         job._set_status(JobStatus.SUBMITTING)
         sent_at = time.monotonic()
-        rounds, earlier = self._unsettled.pop(job, (0, None))
         try:
-            task = await self._resource.create_prepared(
-                job.request, self._settings, earlier_ambiguity=earlier
-            )
-        except AmbiguousSubmissionError as exc:
-            self.limit.release()
-            if rounds + 1 < _AMBIGUOUS_ROUNDS and self._resource.can_look_up:
-                # Not lost, not duplicated: look it up again later, then create if absent.
-                self._unsettled[job] = (rounds + 1, exc.cause or exc)
-                await self._requeue_later(job, self._retry.delay(rounds + 1, rng=self._rng))
-                return
-            self._reject(job, exc)
+            task = await self._resource.create_prepared(job.request, self._settings, state)
+        except LandedUnseen:
+            # Created (the server refused the repeat), not visible yet: look for it apart,
+            # holding its slot, so this worker can move on.
+            self.limit.on_landed()
+            assert self._task_group is not None
+            self._task_group.start_soon(self._find, job, state, sent_at, name="kling-finder")
         except ConcurrencyLimitError:
-            self._keep_unsettled(job, rounds, earlier)
+            # No task was created; the state (ambiguous or not) is kept as it is.
             self.limit.on_concurrency_limit(self._retry, self._rng)
             self._requeue(job)
+        except AmbiguousSubmissionError as exc:
+            self.limit.on_failure()
+            rounds = self._rounds.get(job, 0) + 1
+            since = self._ambiguous_since.setdefault(job, time.monotonic())
+            patient = rounds < _AMBIGUOUS_ROUNDS or time.monotonic() - since < self._retry.timeout
+            if patient and self._resource.can_look_up:
+                # Not lost, not duplicated: look it up again later, then create if absent.
+                self._rounds[job] = rounds
+                await self._requeue_later(job, self._retry.delay(rounds, rng=self._rng))
+                return
+            self._reject(job, exc)
         except RateLimitError as exc:
-            self._keep_unsettled(job, rounds, earlier)
-            self.limit.release()
+            self.limit.on_failure()
             self._budget.pause(self._retry.delay(1, retry_after=exc.retry_after, throttled=True))
             self._requeue(job)
         except (AccountError, AuthenticationError) as exc:
-            self.limit.release()
+            self.limit.on_failure()
             self._reject(job, exc)
             self._stop(exc)
         except TransportError as exc:
-            self.limit.release()
-            unreachable = self._unreachable.pop(job, 0) + 1
-            if exc.request_sent or unreachable >= _UNREACHABLE_ROUNDS:
-                self._reject(job, exc)
+            self.limit.on_failure()
+            unreachable = exc if isinstance(exc, UnreachableError) else self._health.unreachable()
+            if exc.request_sent or unreachable is not None:
+                self._reject(job, unreachable or exc)
+                if unreachable is not None:
+                    self._give_up_unreachable(unreachable)
                 return
-            # Provably never sent: nothing was created, so sending it later is safe.
-            self._keep_unsettled(job, rounds, earlier)
-            self._unreachable[job] = unreachable
-            await self._requeue_later(job, self._retry.delay(unreachable, rng=self._rng))
+            # Provably never sent: nothing was created, so sending it later is safe; the
+            # health verdict ends this once the host has been unreachable long enough.
+            verdict_in = self._health.until_verdict()
+            rounds = self._unreachable_rounds[job] = self._unreachable_rounds.get(job, 0) + 1
+            delay = self._retry.delay(rounds, rng=self._rng)
+            await self._requeue_later(job, delay if verdict_in is None else min(delay, verdict_in))
         except KlingError as exc:
-            self.limit.release()
+            self.limit.on_failure()
             self._reject(job, exc)
         except Exception as exc:
             # A bug must not take the other jobs down: this job ends with it, loudly.
-            self.limit.release()
+            self.limit.on_failure()
             log.exception("submitting a job failed unexpectedly")
             self._reject(job, exc)
         else:
-            self._unreachable.pop(job, None)
             self.limit.on_success()
-            self.stats.submitted += 1
-            self._on_submitted(job, task, sent_at)
+            self._created(job, state, task, sent_at)
 
-    def _keep_unsettled(self, job: Job, rounds: int, earlier: BaseException | None) -> None:
-        """A create that was once ambiguous stays so until a lookup settles it."""
-        if earlier is not None:
-            self._unsettled[job] = (rounds, earlier)
+    def _created(self, job: Job, state: CreateState, task: Task, sent_at: float) -> None:
+        self._forget(job)
+        job.possible_duplicate = state.possible_duplicate
+        self.stats.submitted += 1
+        self._on_submitted(job, task, sent_at)
+
+    async def _find(self, job: Job, state: CreateState, sent_at: float) -> None:
+        try:
+            task = await self._resource.find_landed(state)
+        except KlingError as exc:
+            self.limit.release()
+            self._reject(job, exc)
+            return
+        self._created(job, state, task, sent_at)
 
     def _requeue(self, job: Job) -> None:
         job._set_status(JobStatus.QUEUED)
@@ -267,13 +356,18 @@ class Submitter:
     async def _requeue_later(self, job: Job, delay: float) -> None:
         """Hold the job (and this worker) for ``delay`` seconds, then put it first in line:
         when the server is down, every worker ends up waiting like this, which is the
-        back-off we want."""
+        back-off we want. A good answer from the server ends the wait early."""
         job._set_status(JobStatus.QUEUED)
-        await anyio.sleep(delay)
+        await self._health.wait_recovered(delay)
         self._requeue(job)
 
+    def _forget(self, job: Job) -> None:
+        self._states.pop(job, None)
+        self._rounds.pop(job, None)
+        self._ambiguous_since.pop(job, None)
+        self._unreachable_rounds.pop(job, None)
+
     def _reject(self, job: Job, error: BaseException) -> None:
-        self._unsettled.pop(job, None)
-        self._unreachable.pop(job, None)
+        self._forget(job)
         job._fail(error)
         self.stats.rejected += 1

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 import cattrs
 
-from ._errors import APIError, ResponseDecodeError, api_error_class, snippet
+from ._errors import APIError, ResponseDecodeError, api_error_class, no_redaction, snippet
 from ._models import Task, TaskStatus, Text2VideoRequest, Video
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 converter = cattrs.Converter()
+
+Redact = Callable[[str], str]
 
 
 def _ms_to_datetime(value: Any, _type: object = None) -> datetime | None:
@@ -109,27 +111,42 @@ converter.register_structure_hook(Video, _structure_video)
 converter.register_structure_hook(Task, _structure_task)
 
 
-def structure_task(data: Any, *, http_status: int = 200) -> Task:
-    """``data`` of a create or query answer -> :class:`Task`, or :class:`ResponseDecodeError`."""
+def _shown(data: Any, redact: Redact) -> str:
+    try:
+        text = json.dumps(data, default=str)
+    except (ValueError, RecursionError):
+        text = "<unprintable>"
+    return snippet(redact(text))
+
+
+def structure_task(data: Any, *, http_status: int = 200, redact: Redact = no_redaction) -> Task:
+    """``data`` of a create or query answer -> :class:`Task`, or :class:`ResponseDecodeError`.
+
+    ``redact`` cleans the snippet of the answer the error quotes (it came from the server).
+    """
     try:
         return converter.structure(data, Task)
     except (TypeError, ValueError, KeyError, cattrs.BaseValidationError) as exc:
-        raise ResponseDecodeError(
-            f"the answer's data is not a task: {exc}",
-            http_status=http_status,
-            body=snippet(json.dumps(data, default=str)),
-        ) from None
+        reason = redact(str(exc))
+    # Raised outside the handler: the structuring error is not worth a chain.
+    raise ResponseDecodeError(
+        f"the answer's data is not a task: {reason}",
+        http_status=http_status,
+        body=_shown(data, redact),
+    )
 
 
-def structure_task_list(data: Any, *, http_status: int = 200) -> list[Task]:
+def structure_task_list(
+    data: Any, *, http_status: int = 200, redact: Redact = no_redaction
+) -> list[Task]:
     """``data`` of a list answer (a JSON array) -> tasks."""
     if not isinstance(data, list):
         raise ResponseDecodeError(
             "the list answer's data is not an array",
             http_status=http_status,
-            body=snippet(json.dumps(data, default=str)),
+            body=_shown(data, redact),
         )
-    return [structure_task(item, http_status=http_status) for item in data]
+    return [structure_task(item, http_status=http_status, redact=redact) for item in data]
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -177,13 +194,15 @@ def _error(
     http_status: int,
     request_id: str | None,
     raw: bytes,
+    redact: Redact,
 ) -> APIError:
+    """The typed error, every piece of server-provided text redacted before it is cut."""
     return cls(
-        message,
-        code=code,
+        redact(message),
+        code=redact(code) if isinstance(code, str) else code,
         http_status=http_status,
-        request_id=request_id,
-        body=snippet(raw),
+        request_id=request_id and redact(request_id),
+        body=snippet(redact(raw.decode("utf-8", "replace"))),
     )
 
 
@@ -209,6 +228,7 @@ def decode_envelope(
     *,
     query: bool = False,
     header_request_id: str | None = None,
+    redact: Redact = no_redaction,
 ) -> Any:
     """Return the ``data`` of a successful answer; raise the typed error for anything else.
 
@@ -217,7 +237,8 @@ def decode_envelope(
     not JSON becomes an :class:`APIError` subclass chosen by HTTP status where the status says
     enough (an HTML 502 is a server error, a bare 401 an authentication error), and a
     :class:`ResponseDecodeError` otherwise. ``query`` marks a single-task
-    query, where "not found" codes raise :class:`TaskNotFoundError`.
+    query, where "not found" codes raise :class:`TaskNotFoundError`. ``redact`` cleans every
+    piece of the answer an error quotes (a server may echo the request's credentials).
     """
     try:
         body = json.loads(raw) if raw.strip() else None
@@ -240,11 +261,12 @@ def decode_envelope(
                 http_status=http_status,
                 request_id=header_request_id,
                 raw=raw,
+                redact=redact,
             )
         raise ResponseDecodeError(
             f"expected Kling's JSON envelope, got {what}",
             http_status=http_status,
-            body=snippet(raw),
+            body=snippet(redact(raw.decode("utf-8", "replace"))),
         )
 
     request_id = _request_id(body, header_request_id)
@@ -260,6 +282,7 @@ def decode_envelope(
             http_status=http_status,
             request_id=request_id,
             raw=raw,
+            redact=redact,
         )
 
     code = _normalise_code(body.get("code"))
@@ -277,9 +300,12 @@ def decode_envelope(
                 http_status=http_status,
                 request_id=request_id,
                 raw=raw,
+                redact=redact,
             )
         raise ResponseDecodeError(
-            "the JSON answer has no code field", http_status=http_status, body=snippet(raw)
+            "the JSON answer has no code field",
+            http_status=http_status,
+            body=snippet(redact(raw.decode("utf-8", "replace"))),
         )
     cls = api_error_class(code, http_status, query=query)
     raise _error(
@@ -289,4 +315,5 @@ def decode_envelope(
         http_status=http_status,
         request_id=request_id,
         raw=raw,
+        redact=redact,
     )

@@ -22,7 +22,7 @@ async def test_create_and_wait_round_trip_makes_exactly_one_post(emu: Emulator) 
         assert task.external_task_id is not None and task.external_task_id.startswith("ka-")
         final = await kling.text2video.wait(task.task_id, timeout=10)
     assert final.succeeded
-    assert final.video is not None and final.video.url.startswith(emu.url)
+    assert final.video is not None and final.video.url.startswith(emu.files_url)
     assert final.video.duration is not None and 4 < final.video.duration < 6
     assert final.created_at is not None and final.created_at.tzinfo is not None
     assert emu.stats.requests_per_route["create"] == 1

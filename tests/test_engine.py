@@ -425,13 +425,19 @@ async def test_an_unreachable_server_ends_jobs_with_the_transport_error() -> Non
     async with Emulator(time_scale=SCALE) as emu:
         url = emu.url
     retry = ka.RetryPolicy(attempts=2, timeout=1.0, initial=0.005, maximum=0.02)
-    async with ka.KlingClient(api_key="sk-x", base_url=url, retry=retry) as kling:
+    async with ka.KlingClient(
+        api_key="sk-x", base_url=url, retry=retry, unreachable_after=0.5
+    ) as kling:
         jobs = kling.submit_many(requests(3))
         with anyio.fail_after(10):
             async for job in kling.as_completed(jobs):
-                assert isinstance(job.error, ka.TransportError)
+                assert isinstance(job.error, ka.UnreachableError)
                 assert job.error.request_sent is False
+                assert job.error.host == "127.0.0.1"
+                assert "cannot reach 127.0.0.1" in str(job.error)
         assert kling.stats.active == 0
+        assert kling.stats.connection_error is not None
+        assert kling.stats.connection_failing_for >= 0.5
 
 
 async def test_listening_starts_when_the_iterator_is_made(emu: Emulator) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 import anyio
+import attrs
 import pytest
 
 import kling_async as ka
 from kling_async.testing import Emulator, FaultKind, Faults
 
-from .conftest import SCALE, client_for
+from .conftest import FAST_RETRY, SCALE, client_for
 
 pytestmark = pytest.mark.anyio
 
@@ -50,10 +51,12 @@ async def test_ten_creates_dropped_after_commit_leave_exactly_ten_tasks() -> Non
 )
 @pytest.mark.parametrize("duplicates", ["reject", "return_first"])
 async def test_each_fault_kind_yields_one_task_per_create(kind: FaultKind, duplicates: str) -> None:
+    """Half the creates fail: with no retry budget every create retries until it lands."""
     faults = Faults(create={kind: 0.5})
+    unbudgeted = attrs.evolve(FAST_RETRY, budget_ratio=None)
     async with (
         Emulator(time_scale=SCALE, seed=3, faults=faults, duplicate_external_id=duplicates) as emu,  # type: ignore[arg-type]
-        client_for(emu) as kling,
+        client_for(emu, retry=unbudgeted) as kling,
     ):
         tasks = await create_many(kling, 12)
     assert emu.stats.faults_injected[kind.name] > 0
@@ -61,6 +64,36 @@ async def test_each_fault_kind_yields_one_task_per_create(kind: FaultKind, dupli
     assert emu.stats.tasks_created == 12
     assert set(emu.stats.created_per_external_id.values()) == {1}
     assert {t.task_id for t in tasks} == set(emu.tasks)
+
+
+@pytest.mark.parametrize("kind", [FaultKind.HTML_502, FaultKind.DROP_AFTER_COMMIT])
+async def test_under_the_retry_budget_a_failing_create_says_so_and_never_duplicates(
+    kind: FaultKind,
+) -> None:
+    """Half the creates fail, more than the default 20% budget pays retries for: some creates
+    end ambiguous, with their id, and none is ever created twice."""
+    outcomes: list[ka.Task | ka.AmbiguousSubmissionError] = []
+    async with Emulator(time_scale=SCALE, seed=3, faults=Faults(create={kind: 0.5})) as emu:
+        async with client_for(emu) as kling:
+
+            async def one(i: int) -> None:
+                request = ka.Text2VideoRequest(prompt=f"clip {i}", external_task_id=f"job-{i}")
+                try:
+                    outcomes.append(await kling.text2video.create(request))
+                except ka.AmbiguousSubmissionError as exc:
+                    outcomes.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(24):
+                    tg.start_soon(one, i)
+    created = emu.stats.created_per_external_id
+    assert len(outcomes) == 24
+    assert set(created.values()) <= {1}
+    for outcome in outcomes:
+        if isinstance(outcome, ka.Task):
+            assert created[outcome.external_task_id or ""] == 1
+        else:
+            assert outcome.external_task_id.startswith("job-")
 
 
 async def test_stalled_reply_is_adopted_by_lookup_not_resent() -> None:

@@ -1,0 +1,110 @@
+"""No secret in any exception the SDK raises, its cause and context chain, reprs, tracebacks
+or log lines, against servers that echo the request's headers back into their answers."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import kling_async as ka
+from tests.hostile import GarbageHTTPServer, HostileServer
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-canary-2f7d1c9e4b6a8053"
+ACCESS = "ak-canary-71c3e9"
+SECRET = "secret-canary-9d2b4f6e8a0c1357-0123456789abcdef"
+
+
+def chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if any(current is known for known in seen):
+            continue
+        seen.append(current)
+        stack += [link for link in (current.__cause__, current.__context__) if link is not None]
+        if isinstance(current, BaseExceptionGroup):
+            stack += list(current.exceptions)
+    return seen
+
+
+def texts_of(exc: BaseException) -> list[str]:
+    texts = ["".join(traceback.format_exception(exc))]
+    for link in chain(exc):
+        texts += [str(link), repr(link), repr(link.args), repr(vars(link))]
+    return texts
+
+
+CREDENTIALS: list[dict[str, str]] = [
+    {"api_key": KEY},
+    {"access_key": ACCESS, "secret_key": SECRET},
+]
+
+
+@pytest.mark.parametrize("credentials", CREDENTIALS, ids=["bearer", "jwt"])
+@pytest.mark.parametrize(
+    "mode", ["kling_400", "kling_401", "html_500", "cometapi_500", "not_a_task", "garbage"]
+)
+async def test_echoed_credentials_never_reach_an_exception_chain_or_a_log(
+    credentials: dict[str, str], mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="kling_async")
+    raised: list[BaseException] = []
+    async with HostileServer() as hostile, GarbageHTTPServer() as garbage:
+        hostile.api_mode = "kling_400" if mode == "garbage" else mode  # type: ignore[assignment]
+        base_url = garbage.url if mode == "garbage" else hostile.url
+        async with ka.KlingClient(
+            base_url=base_url,
+            retry=ka.RetryPolicy(attempts=2, timeout=5, initial=0.01, maximum=0.02),
+            timeout=2.0,
+            settle_window=0.05,
+            **credentials,  # type: ignore[arg-type]
+        ) as kling:
+            token = kling._auth.header().removeprefix("Bearer ")
+            calls: list[Callable[[], Awaitable[Any]]] = [
+                lambda: kling.text2video.get("123"),
+                lambda: kling.text2video.get(external_task_id="job-1"),
+                lambda: kling.text2video.create(ka.Text2VideoRequest(prompt="p")),
+                lambda: kling.text2video.list(),
+            ]
+            for call in calls:
+                try:
+                    await call()
+                except ka.KlingError as exc:
+                    raised.append(exc)
+            job = kling.submit(ka.Text2VideoRequest(prompt="q"))
+            try:
+                await job.wait()
+            except ka.KlingError as exc:
+                raised.append(exc)
+        reached = garbage.connections if mode == "garbage" else hostile.hits["api"]
+    assert reached > 0, "the hostile server was never asked"
+    assert len(raised) == 5
+    secrets = [*credentials.values(), token]
+    texts = [text for exc in raised for text in texts_of(exc)]
+    texts += [record.getMessage() for record in caplog.records]
+    texts += [str(record.exc_info) for record in caplog.records if record.exc_info]
+    for secret in secrets:
+        for text in texts:
+            assert secret not in text
+    # What the server echoed is still visible, with the secret cut out.
+    if mode in ("kling_400", "kling_401"):
+        assert any("Bearer ***" in text for text in texts)
+
+
+def test_the_redactor_cleans_known_secrets_and_any_bearer_token() -> None:
+    from kling_async._errors import Redactor
+
+    secrets = ["sk-one-two-three"]
+    redact = Redactor(lambda: secrets)
+    assert redact("x sk-one-two-three y") == "x *** y"
+    assert redact("Authorization: Bearer eyJabc.def-ghi_jk") == "Authorization: Bearer ***"
+    secrets.append("fresh-token-1234")
+    assert redact("got fresh-token-1234") == "got ***"
+    assert redact("abc") == "abc"
