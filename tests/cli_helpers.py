@@ -195,20 +195,31 @@ def run_cli(args: Sequence[str], env: dict[str, str] | None = None, timeout: flo
     return finish(cli_process(args, env), timeout)
 
 
-def run_main(args: Sequence[str], *, key: str | None = KEY) -> Result:
+def run_main(
+    args: Sequence[str], *, key: str | None = KEY, env: dict[str, str] | None = None
+) -> Result:
     """The command line in this process (fast: no interpreter start), with ``KLING_API_KEY``
-    set to ``key`` and every other ``KLING_*`` variable removed for the call."""
+    set to ``key``, the ``env`` variables set, and every other ``KLING_*`` variable removed
+    for the call."""
     from kling_async.cli import main
 
     saved = {name: os.environ.pop(name) for name in list(os.environ) if name.startswith("KLING_")}
     if key is not None:
         os.environ["KLING_API_KEY"] = key
+    extra = env or {}
+    shadowed = {name: os.environ.get(name) for name in extra}
+    os.environ.update(extra)
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(list(args))
     finally:
         os.environ.pop("KLING_API_KEY", None)
+        for name, value in shadowed.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         os.environ.update(saved)
     check_no_key(out.getvalue(), err.getvalue())
     return Result(code, out.getvalue(), err.getvalue())

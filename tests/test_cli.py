@@ -274,7 +274,11 @@ def test_a_wrong_key_exits_3_without_printing_either_key(
         (
             "bad.csv",
             'prompt,cfg_scale,mode\n"multi\nline prompt",0.5,std\nfine,high,std\nok,0.5,turbo\n',
-            [":4: cfg_scale='high' is invalid: must be a number", ":5: mode='turbo'"],
+            [
+                ":2: a quoted cell runs on to line 3 (a stray quote?)",
+                ":4: cfg_scale='high' is invalid: must be a number",
+                ":5: mode='turbo'",
+            ],
         ),
         ("header.csv", "promt,mode\nx,std\n", [":1: header: 'promt' is not a request field"]),
         ("empty.txt", "\n# only a comment\n\n", ["no prompts found"]),
@@ -340,17 +344,24 @@ def test_api_key_flag_is_never_printed_even_after_a_typo(
 # --- journal semantics ------------------------------------------------------------------------
 
 
-def test_a_changed_row_is_reported_not_resubmitted(server: EmulatorProcess, tmp_path: Path) -> None:
-    prompts = write_prompts(tmp_path / "p.txt", 2)
+def test_a_changed_row_with_its_own_id_is_reported_not_resubmitted(
+    server: EmulatorProcess, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"prompt": "first"}\n{"prompt": "second", "external_task_id": "changed-own-2"}\n'
+    )
     out = tmp_path / "out"
     command = batch_command(prompts, out, server)
     assert run_main(command).code == 0
     creates = server.stats()["requests_per_route"]["create"]
-    lines = prompts.read_text().splitlines()
-    prompts.write_text(f"{lines[0]}\na different second prompt\nan appended third prompt\n")
+    prompts.write_text(
+        '{"prompt": "first"}\n{"prompt": "a different second", "external_task_id": '
+        '"changed-own-2"}\n{"prompt": "an appended third prompt"}\n'
+    )
     result = run_main(command)
     assert result.code == 1
-    assert "row 2 (line 2) differs from the request journaled" in result.err
+    assert "row 2 (line 2) has external_task_id 'changed-own-2', which an earlier run" in result.err
     summary = json.loads((out / "summary.json").read_text())
     assert [row["status"] for row in summary["rows"]] == ["done", "changed", "done"]
     assert server.stats()["requests_per_route"]["create"] == creates + 1  # only the new row
@@ -436,7 +447,7 @@ def test_with_the_builtin_emulator_a_rerun_restarts_what_its_gone_emulator_held(
     with sqlite3.connect(out / "kling-journal.sqlite3") as db:
         db.execute(
             "UPDATE rows SET status = 'processing', task_id = 'gone', sha256 = NULL "
-            "WHERE row_key = '#2'"
+            "WHERE number = 2"
         )
     result = run_main(command, key=None)
     assert result.code == 0, result.err

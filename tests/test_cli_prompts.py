@@ -33,7 +33,16 @@ def test_txt_one_prompt_a_line_skipping_blanks_and_comments(tmp_path: Path) -> N
         (1, 2, "first prompt"),
         (2, 4, "second"),
     ]
-    assert [row.key for row in prompts.rows] == ["#1", "#2"]
+    assert [row.key for row in prompts.rows] == [f"{row.request_hash}#1" for row in prompts.rows]
+
+
+def test_rows_are_keyed_by_content_and_occurrence_not_position(tmp_path: Path) -> None:
+    first = load(tmp_path / "a.txt", "same\nother\nsame\n").rows
+    moved = load(tmp_path / "b.txt", "new on top\n\nsame\nother\nsame\n").rows
+    assert first[0].key != first[2].key  # the second identical prompt is its own row
+    assert [row.occurrence for row in first] == [1, 1, 2]
+    assert [row.key for row in moved[1:]] == [row.key for row in first]
+    assert [(row.number, row.line) for row in moved[1:]] == [(2, 3), (3, 4), (4, 5)]
 
 
 def test_defaults_fill_what_a_row_leaves_unset(tmp_path: Path) -> None:
@@ -59,19 +68,24 @@ def test_jsonl_takes_any_request_field_and_extra(tmp_path: Path) -> None:
     assert '"sound":"on"' in row.request_json
 
 
-def test_csv_cells_become_typed_fields_and_multiline_cells_keep_their_start_line(
+def test_csv_cells_become_typed_fields_and_quoted_cells_stay_on_their_line(
     tmp_path: Path,
 ) -> None:
     text = (
         "prompt,cfg_scale,camera_control,duration\n"
-        '"two\nlines",0.25,"{""type"": ""down_back""}",10\n'
+        '"a fox, ""quoted""",0.25,"{""type"": ""down_back""}",10\n'
         "plain,,,\n"
     )
     rows = load(tmp_path / "p.csv", text).rows
-    assert [(row.line, row.request.prompt) for row in rows] == [(2, "two\nlines"), (4, "plain")]
+    assert [(row.line, row.request.prompt) for row in rows] == [
+        (2, 'a fox, "quoted"'),
+        (3, "plain"),
+    ]
     assert rows[0].request.cfg_scale == 0.25
     assert rows[0].request.duration == "10"
     assert rows[1].request.cfg_scale is None
+    report = problems(tmp_path / "q.csv", 'prompt,mode\n"two\nlines",std\nfine,std\n')
+    assert "q.csv:2: a quoted cell runs on to line 3 (a stray quote?)" in report
 
 
 def test_every_problem_is_reported_with_line_field_value_and_rule(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """``kling-async``: the command line (``batch``, ``status``, ``emulator``).
 
-Exit statuses: 0 every row done; 1 some rows failed or did not finish; 2 usage, input or
-journal problems (nothing was sent); 3 an account-level error (arrears, no permission, a
+Exit statuses: 0 every row done; 1 some rows failed or did not finish (also when the run had
+to stop after sending, e.g. on a full disk); 2 usage, input or journal problems found before
+anything was sent; 3 an account-level error (arrears, no permission, a
 rejected key) stopped the batch; 130 interrupted (the journal is intact: rerun the command).
 """
 
@@ -9,26 +10,29 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import anyio
 from rich.console import Console
 
 from .._auth import ENV_API_KEY, ENV_BASE_URL
 from .._client import COMETAPI_BASE_URL
-from .._download import DEFAULT_MAX_BYTES
+from .._download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_BYTES
 from .._errors import KlingError
 from .._models import Mode
 from .._version import __version__
+from ._display import printable
+from ._files import disk_full_message, is_disk_full
 from ._journal import JOURNAL_NAME, JournalError, journal_path
 from ._prompts import PromptFileError, load_prompts
 from ._run import EXIT_SOME_FAILED, EXIT_USAGE, interrupted_before_start, run_batch, say
-from ._secrets import RedactingStream, Redactor, scrub_unrecognized, secrets_in
+from ._secrets import RedactingStream, Redactor, scrub_argparse, secrets_in
 from ._settings import EMULATOR_TIME_SCALE, NO_KEY_HINT, BatchSettings, UsageError, settings_from
 
 __all__ = ["build_parser", "main"]
@@ -36,44 +40,75 @@ __all__ = ["build_parser", "main"]
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        # An unrecognised argument may be a key after a mistyped option: never echo values.
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {scrub_unrecognized(message)}\n")
+        # One line, and never a value: an argument may be a key after a mistyped option, glued
+        # to one (-aKEY), or given to the wrong one (--mode KEY).
+        self.exit(
+            EXIT_USAGE,
+            f"{self.prog}: error: {scrub_argparse(message)} (see {self.prog} --help)\n",
+        )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+#: Bounds of the numeric options: beyond them a value is a typo, not a setting.
+MAX_ACTIVE: Final = 10_000
+MAX_DOWNLOADS: Final = 1_000
+TIME_SCALE_RANGE: Final = (1e-6, 100.0)
+_UNITS: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+MAX_FILE_SIZE: Final = _UNITS["T"]
+MAX_DOWNLOAD_TIMEOUT: Final = 86_400.0
 
 
-def _positive_float(text: str) -> float:
+def _whole_number(high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        # Our messages never quote the value (it may be a key given to the wrong option).
+        rule = f"must be a whole number from 1 to {high}"
+        try:
+            value = int(text)
+        except ValueError:  # also for thousands of digits
+            raise argparse.ArgumentTypeError(rule) from None
+        if not 1 <= value <= high:
+            raise argparse.ArgumentTypeError(rule)
+        return value
+
+    return parse
+
+
+def _seconds(high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        rule = f"must be a number of seconds above 0, at most {high:g}"
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(rule) from None
+        if not (math.isfinite(value) and 0 < value <= high):
+            raise argparse.ArgumentTypeError(rule)
+        return value
+
+    return parse
+
+
+def _time_scale(text: str) -> float:
+    low, high = TIME_SCALE_RANGE
+    rule = f"must be a number from {low:g} to {high:g}"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be more than 0")
+        raise argparse.ArgumentTypeError(rule) from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise argparse.ArgumentTypeError(rule)
     return value
 
 
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
 def parse_size(text: str) -> int:
-    """``500M``, ``2G``, ``1048576``, ``1.5GiB``: bytes, binary units."""
+    """``500M``, ``2G``, ``1048576``, ``1.5GiB``: bytes, binary units, 1 byte to 1T."""
+    rule = "must be a size from 1 byte to 1T, like 500M or 2G"
     cleaned = text.strip().upper().removesuffix("B").removesuffix("I")
     unit = cleaned[-1:] if cleaned[-1:] in ("K", "M", "G", "T") else ""
     try:
         value = float(cleaned[: len(cleaned) - len(unit)]) * _UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M or 2G") from None
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least one byte")
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(rule) from None
+    if not (math.isfinite(value) and 1 <= value <= MAX_FILE_SIZE):
+        raise argparse.ArgumentTypeError(rule)
     return int(value)
 
 
@@ -127,34 +162,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--time-scale",
-        type=_positive_float,
+        type=_time_scale,
         metavar="FACTOR",
         help="real seconds per emulated second, to poll a time-scaled emulator as fast "
-        f"(default: {EMULATOR_TIME_SCALE} with --emulator, else 1)",
+        f"(default: {EMULATOR_TIME_SCALE} with --emulator, else 1; "
+        f"{TIME_SCALE_RANGE[0]:g} to {TIME_SCALE_RANGE[1]:g})",
     )
     group = batch.add_argument_group("limits and files")
     group.add_argument(
-        "--max-active", type=_positive_int, metavar="N", help="tasks at once (default: learned)"
+        "--max-active",
+        type=_whole_number(MAX_ACTIVE),
+        metavar="N",
+        help=f"tasks at once, 1 to {MAX_ACTIVE} (default: learned)",
     )
     group.add_argument(
         "--max-downloads",
-        type=_positive_int,
+        type=_whole_number(MAX_DOWNLOADS),
         default=4,
         metavar="N",
-        help="downloads at once (default: 4)",
+        help=f"downloads at once, 1 to {MAX_DOWNLOADS} (default: 4)",
     )
     group.add_argument(
         "--max-file-size",
         type=parse_size,
         default=DEFAULT_MAX_BYTES,
         metavar="SIZE",
-        help="refuse larger result files, e.g. 500M (default: 2G)",
+        help="refuse larger result files, e.g. 500M, at most 1T (default: 2G)",
     )
     group.add_argument(
         "--allow-host",
         action="append",
         metavar="HOST",
-        help="download only from this host; repeatable; .example.com allows its subdomains",
+        help="also download from this host whatever its addresses (by default only the API's "
+        "host and hosts with public addresses); repeatable; .example.com covers subdomains",
+    )
+    group.add_argument(
+        "--allow-private-downloads",
+        action="store_true",
+        help="let result URLs point at private, loopback or link-local addresses",
+    )
+    group.add_argument(
+        "--download-timeout",
+        type=_seconds(MAX_DOWNLOAD_TIMEOUT),
+        default=DEFAULT_DOWNLOAD_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on a file that has not arrived in this time, retries included "
+        f"(default: {DEFAULT_DOWNLOAD_TIMEOUT:g})",
     )
     group = batch.add_argument_group("run")
     group.add_argument(
@@ -224,7 +277,8 @@ def _run(settings: BatchSettings, console: Console) -> int:
     try:
         settings.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        say(f"error: cannot create {settings.out}: {exc}")
+        reason = disk_full_message(settings.out.parent) if is_disk_full(exc) else str(exc)
+        say(f"error: cannot create {settings.out}: {reason}")
         return EXIT_USAGE
     try:
         return anyio.run(run_batch, settings, prompt_file, console, backend="asyncio")
@@ -234,8 +288,13 @@ def _run(settings: BatchSettings, console: Console) -> int:
         cause = _first_known(exc)
         if cause is None:
             raise
-        say(f"error: {cause}")
-        return EXIT_USAGE if isinstance(cause, JournalError) else EXIT_SOME_FAILED
+        if is_disk_full(cause) and not isinstance(cause, JournalError):
+            say(f"error: {disk_full_message(settings.out)} ({cause})")
+        else:
+            say(f"error: {cause}")
+        # Problems found before sending return 2 from run_batch itself; what ends a run
+        # here (a journal that cannot be written any more, say) may follow created tasks.
+        return EXIT_SOME_FAILED
 
 
 class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
@@ -247,6 +306,13 @@ class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines may quote a server's words: escaped like everything else we print."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
+
+
 @contextmanager
 def _log_to_stderr(*, verbose: bool) -> Iterator[None]:
     """The SDK's own log lines only with ``-v``: without it, the command reports the same
@@ -254,7 +320,7 @@ def _log_to_stderr(*, verbose: bool) -> Iterator[None]:
     The logger is put back as it was afterwards (``main`` may run inside a larger program)."""
     logger = logging.getLogger("kling_async")
     handler = _CurrentStderr()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.CRITICAL)

@@ -14,6 +14,9 @@ this module only decides, per row, which of its doors to use, and writes down wh
 Every job reports through ``kling.events()``; each change becomes a journal update, grouped
 with others into one transaction by :class:`JournalWriter` so the event loop never waits on
 the disk.
+
+An account-level error (a rejected key, arrears) stops every submission: it is said once, when
+it happens, and the rows it kept from being sent are counted, not listed one by one.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import anyio.abc
 import attrs
 
 from .._client import KlingClient
-from .._download import PART_SUFFIX
+from .._download import DEFAULT_DOWNLOAD_TIMEOUT, PART_SUFFIX
 from .._errors import (
     AccountError,
     AuthenticationError,
@@ -42,6 +45,7 @@ from .._jobs import Job, JobEvent, JobStatus
 from .._models import Task, TaskStatus, Video
 from .._profiles import UnknownModelWarning
 from .._retry import RetryPolicy
+from ._files import disk_full_message, is_disk_full
 from ._journal import Journal, JournalError, JournalRow, Preparation
 from ._progress import Reporter
 from ._rows import Phase, RowState
@@ -58,18 +62,25 @@ __all__ = [
 
 @attrs.frozen(kw_only=True)
 class DownloadSettings:
+    """``allowed_hosts`` and ``allow_private`` widen where result URLs may point (see
+    :meth:`KlingClient.download`); ``timeout`` bounds each file, retries included."""
+
     max_bytes: int
     allowed_hosts: frozenset[str] | None = None
+    allow_private: bool = False
+    timeout: float = DEFAULT_DOWNLOAD_TIMEOUT
     concurrency: int = 4
     retry: RetryPolicy | None = None
 
 
 @attrs.frozen
 class BatchOutcome:
-    """``fatal`` is the account-level error that stopped submissions, if one did."""
+    """``fatal`` is the account-level error that stopped submissions, if one did;
+    ``disk_full`` whether a clip could not be saved for want of space."""
 
     states: tuple[RowState, ...]
     fatal: KlingError | None
+    disk_full: bool = False
 
 
 def _sha256_of(path: Path) -> str | None:
@@ -142,9 +153,17 @@ class JournalWriter:
                     for key, changes in batch.items():
                         self._pending[key] = {**changes, **self._pending.get(key, {})}
                     if isinstance(exc, Exception):
+                        path = self._journal.path
+                        problem = (
+                            f"{disk_full_message(path.parent)}: cannot write the journal {path}"
+                            if is_disk_full(exc)
+                            else f"cannot write the journal {path}: {exc}"
+                        )
                         raise JournalError(
-                            f"cannot write the journal {self._journal.path}: {exc}; stopping, "
-                            "since a run that cannot record its tasks could not resume them"
+                            f"{problem}; stopping, since a run that cannot record its tasks "
+                            "could not resume them. Fix it, then rerun the same command: tasks "
+                            "already created are looked up by their external_task_id, not "
+                            "created again"
                         ) from exc
                     raise
 
@@ -177,6 +196,9 @@ class BatchRunner:
         self._download_slots = anyio.Semaphore(downloads.concurrency)
         self._task_group: anyio.abc.TaskGroup | None = None
         self.fatal: KlingError | None = None
+        #: Rows the account-level error kept from being sent (reported as one count).
+        self._not_sent = 0
+        self._disk_full = False
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -193,10 +215,15 @@ class BatchRunner:
                 await self._finished.wait()
                 task_group.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._writer.flush()
-            self._reporter.close()
-        return BatchOutcome(self.states, self.fatal)
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._writer.flush()
+            finally:
+                if self._not_sent:
+                    rows = "row" if self._not_sent == 1 else "rows"
+                    self._reporter.note(f"{self._not_sent} {rows} not sent: {self.fatal}")
+                self._reporter.close()
+        return BatchOutcome(self.states, self.fatal, self._disk_full)
 
     async def _follow_events(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -304,6 +331,15 @@ class BatchRunner:
             if self.fatal is None:
                 self.fatal = error
                 self._reporter.note(f"stopping submissions: {error}")
+            if state.task_id is None:
+                # One cause for every row it stops: said once, counted at the end, and the
+                # same words in the journal and the summary (which groups them).
+                text = f"not sent: {self.fatal}"
+                changes["error"] = text
+                self._writer.update(state.row.key, **changes)
+                self._not_sent += 1
+                self._end(state, Phase.ERROR, text, quiet=True)
+                return
         elif (
             isinstance(error, PolicyError | InvalidRequestError)
             and not isinstance(error, TaskNotFoundError)
@@ -315,11 +351,11 @@ class BatchRunner:
         self._writer.update(state.row.key, **changes)
         self._end(state, phase, text)
 
-    def _end(self, state: RowState, phase: Phase, message: str) -> None:
+    def _end(self, state: RowState, phase: Phase, message: str, *, quiet: bool = False) -> None:
         state.move(phase)
         if phase is not Phase.DONE:
             state.error = message
-        self._reporter.changed(state, f"{phase.value}: {message}")
+        self._reporter.changed(state, None if quiet else f"{phase.value}: {message}")
         self._finish(state)
 
     # --- downloads ----------------------------------------------------------------------------
@@ -340,10 +376,16 @@ class BatchRunner:
                     target,
                     max_bytes=settings.max_bytes,
                     allowed_hosts=settings.allowed_hosts,
+                    allow_private=settings.allow_private,
+                    timeout=settings.timeout,
                     retry=settings.retry,
                 )
             except (KlingError, OSError) as exc:
-                message = f"download failed: {exc}"
+                if is_disk_full(exc):
+                    self._disk_full = True
+                    message = f"download failed: {disk_full_message(self._out)}"
+                else:
+                    message = f"download failed: {exc}"
                 self._writer.update(state.row.key, error=message)
                 self._end(state, Phase.ERROR, message)
                 return

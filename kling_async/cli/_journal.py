@@ -4,7 +4,8 @@ The protocol, and why each step is there:
 
 1. Every row of the file is written (row key, request hash, ``external_task_id``, status
    ``pending``) in **one transaction, synced to disk, before the first POST**. The
-   ``external_task_id`` is derived from the journal's random batch id and the row, so a rerun
+   ``external_task_id`` is the journal's random batch id and a number from the journal's own
+   counter (never reused, so a new row can never take the id of an earlier one), so a rerun
    knows the id an earlier run may have used: a row that was POSTed but never heard back is
    looked up by that id instead of being created twice.
 2. As soon as a job reports its ``task_id`` it is recorded; a rerun then simply follows the
@@ -13,26 +14,36 @@ The protocol, and why each step is there:
 3. Terminal states, result URLs, file names and SHA-256s are recorded as they happen: a rerun
    skips rows whose file is present with the recorded hash.
 
+A row is keyed by what it asks for, not where it is (see :class:`~._prompts.PromptRow`), so
+lines inserted or removed above it never make it another row; its number and line follow the
+file. Schema 2 keys rows that way; a schema-1 journal (keyed by position) is migrated when a
+batch opens it, each row's key recomputed from its stored request, in row order.
+
 WAL mode with ``synchronous=FULL`` makes every commit durable when it returns while letting
 ``kling-async status`` read the journal of a running batch. A lock file next to the journal
 keeps two batches from driving the same journal at once (the operating system drops the lock
-when a process dies, even by ``kill -9``).
+when a process dies, even by ``kill -9``). Neither the journal, its ``-wal`` and ``-shm`` files
+nor the lock file is ever opened through a symbolic link.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import secrets
 import sqlite3
+import stat
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import attrs
 
-from ._naming import clip_name
-from ._prompts import PromptRow
+from . import _files
+from ._naming import clip_name, unique_name
+from ._prompts import PromptRow, request_hash, row_key
 
 __all__ = [
     "JOURNAL_NAME",
@@ -44,7 +55,9 @@ __all__ = [
 ]
 
 JOURNAL_NAME: Final = "kling-journal.sqlite3"
-SCHEMA_VERSION: Final = "1"
+SCHEMA_VERSION: Final = "2"
+#: Schema 1 keyed rows by position ("#3"); it is migrated (see the module docstring).
+_MIGRATED: Final = ("1",)
 
 #: pending: journaled, maybe POSTed (a rerun looks it up by external id before creating);
 #: submitted / processing: the task exists (task_id known); succeeded: the task made its video,
@@ -94,7 +107,14 @@ UPDATABLE: Final = frozenset(
 
 
 class JournalError(Exception):
-    """The journal cannot be used for this run (busy, foreign, newer schema, unreadable)."""
+    """The journal cannot be used for this run (busy, foreign, newer schema, unreadable, a
+    link at its name, a full disk)."""
+
+
+def _write_error(path: Path, exc: BaseException) -> JournalError:
+    if _files.is_disk_full(exc):
+        return JournalError(f"{_files.disk_full_message(path.parent)}: cannot write {path}")
+    return JournalError(f"cannot write the journal {path}: {exc}")
 
 
 @attrs.frozen(kw_only=True)
@@ -177,8 +197,9 @@ class Preparation:
 
     ``rows``: the journal's view of every row of the file that can run (changed rows excluded);
     ``fresh``: keys written by this preparation and so certainly never POSTed;
-    ``changed``: (file row, journal row) pairs whose request differs from the journal's;
-    ``orphans``: journal rows the file no longer has.
+    ``changed``: (file row, journal row) pairs of rows with their own ``external_task_id``
+    whose request differs from the one journaled under that id;
+    ``orphans``: journal rows the file no longer has (removed, or edited into another row).
     """
 
     rows: dict[str, JournalRow]
@@ -187,22 +208,39 @@ class Preparation:
     orphans: tuple[JournalRow, ...]
 
 
-def _lock(path: Path) -> int | None:
-    """An exclusive lock on ``path`` (created), or JournalError if another process holds it."""
+def migrated_keys(records: Iterable[JournalRow]) -> list[str]:
+    """Schema-2 keys for schema-1 rows given in row order: a row's own id stays its key; any
+    other row's is the hash of its stored request and its occurrence among identical ones."""
+    occurrences: dict[str, int] = {}
+    keys = []
+    for record in records:
+        if record.key.startswith("id:"):
+            keys.append(record.key)
+            continue
+        digest = request_hash(record.request_json)
+        occurrences[digest] = occurrences.get(digest, 0) + 1
+        keys.append(row_key(None, digest, occurrences[digest]))
+    return keys
+
+
+def _companions(path: Path) -> tuple[Path, ...]:
+    """The journal and the files SQLite keeps beside it."""
+    return (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal")))
+
+
+def _create(path: Path) -> bool:
+    """Make sure ``path`` is a regular file, never through a link; True if made here."""
     try:
-        import fcntl  # POSIX only: elsewhere the journal runs unlocked
-    except ImportError:  # pragma: no cover - Windows
-        return None
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise JournalError(
-            f"another kling-async batch is using {path.with_suffix('')} right now; "
-            "wait for it to finish or stop it first"
-        ) from None
-    return fd
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except FileExistsError:
+        _files.check_not_link(path)
+        if not stat.S_ISREG(path.lstat().st_mode):
+            raise _files.FileError(
+                f"{path} is not a regular file; it cannot be a journal"
+            ) from None
+        return False
+    os.close(fd)
+    return True
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -222,13 +260,27 @@ class Journal:
     :meth:`apply` in a worker thread (the connection allows that, and only one call runs at a
     time)."""
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, lock_fd: int | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        connection: sqlite3.Connection,
+        lock_fd: int | None,
+        *,
+        writable: bool = True,
+    ) -> None:
         self.path = path
         self._db = connection
         self._lock_fd = lock_fd
         self.meta: dict[str, str] = dict(self._db.execute("SELECT key, value FROM meta"))
+        #: A schema-1 journal opened read-only: keys are recomputed on every read instead.
+        self._positional = False
         version = self.meta.get("schema", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
+        if version in _MIGRATED:
+            if writable:
+                self._migrate()
+            else:
+                self._positional = True
+        elif version != SCHEMA_VERSION:
             self.close()
             raise JournalError(
                 f"{path} was written by another version of kling-async (schema {version}); "
@@ -237,35 +289,92 @@ class Journal:
 
     @classmethod
     def open(cls, path: Path, *, lock: bool = True) -> Journal:
-        """Open (creating if needed) with WAL and full sync; ``lock`` for a run that writes."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(path.with_name(path.name + ".lock")) if lock else None
+        """Open (creating if needed) with WAL and full sync; ``lock`` for a run that writes.
+
+        Refused: a journal, ``-wal`` or ``-shm`` path that is a symbolic link, a lock file
+        that is one, a journal in use by another batch. Nothing is left behind by a journal
+        that could not be created (a full disk, say)."""
+        lock_fd: int | None = None
+        made: list[Path] = []
         try:
+            for companion in _companions(path):
+                _files.check_not_link(companion)
+            if lock:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                lock_fd = _files.lock(
+                    path.with_name(path.name + ".lock"),
+                    busy=f"another kling-async batch is using the journal {path} right now; "
+                    "wait for it to finish or stop it first",
+                )
+                if _create(path):
+                    made = [p for p in _companions(path) if not p.exists()] + [path]
             connection = _connect(path)
-        except sqlite3.DatabaseError as exc:
-            if lock_fd is not None:
-                os.close(lock_fd)
-            raise JournalError(f"{path} is not a usable journal: {exc}") from None
-        except BaseException:
-            if lock_fd is not None:
-                os.close(lock_fd)
+            return cls(path, connection, lock_fd, writable=lock)
+        except BaseException as exc:
+            _files.unlock(lock_fd)
+            for leftover in made:
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            if isinstance(exc, JournalError):
+                raise
+            if isinstance(exc, _files.FileError):
+                raise JournalError(str(exc)) from None
+            if _files.is_disk_full(exc):
+                raise JournalError(
+                    f"{_files.disk_full_message(path.parent)}: cannot create or open {path}"
+                ) from None
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise JournalError(f"{path} is not a usable journal: {exc}") from None
+            if isinstance(exc, OSError):
+                if exc.errno == errno.ELOOP:
+                    raise JournalError(f"{path}: a symbolic link is in the way") from None
+                raise JournalError(f"cannot open the journal {path}: {exc}") from None
             raise
-        return cls(path, connection, lock_fd)
 
     def close(self) -> None:
-        self._db.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        with contextlib.suppress(sqlite3.Error):  # a full disk may refuse the last checkpoint
+            self._db.close()
+        _files.unlock(self._lock_fd)
+        self._lock_fd = None
 
     @property
     def batch_id(self) -> str | None:
         return self.meta.get("batch_id")
 
     def rows(self) -> dict[str, JournalRow]:
-        """Every row, in file order."""
-        cursor = self._db.execute(f"SELECT {_COLUMNS} FROM rows ORDER BY number")  # noqa: S608
-        return {record[0]: _row(record) for record in cursor}
+        """Every row, in file order (rows no longer in the file where they last were)."""
+        cursor = self._db.execute(
+            f"SELECT {_COLUMNS} FROM rows ORDER BY number, rowid"  # noqa: S608
+        )
+        records = [_row(record) for record in cursor]
+        if self._positional:
+            keys = migrated_keys(records)
+            records = [attrs.evolve(r, key=k) for r, k in zip(records, keys, strict=True)]
+        return {record.key: record for record in records}
+
+    def _migrate(self) -> None:
+        """Schema 1 to 2, in one transaction: keys by content, and the id counter."""
+        records = list(self.rows().values())
+        keys = migrated_keys(records)
+        counter = max([record.number for record in records], default=0) + 1
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "UPDATE rows SET row_key = ? WHERE row_key = ?",
+                [(key, r.key) for r, key in zip(records, keys, strict=True) if key != r.key],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [("schema", SCHEMA_VERSION), ("next_id", str(counter))],
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self.close()
+            raise _write_error(self.path, exc) from None
+        self.meta = dict(db.execute("SELECT key, value FROM meta"))
 
     # --- before any POST ----------------------------------------------------------------------
 
@@ -279,7 +388,9 @@ class Journal:
     ) -> Preparation:
         """Reconcile the file with the journal in one durable transaction, before any POST.
 
-        New rows are written ``pending`` with their ``external_task_id``. Rows for which
+        New rows are written ``pending`` with their ``external_task_id`` (their own, or the
+        next of the journal's counter) and a file name no other row has. Known rows take the
+        number and line they have in the file now. Rows for which
         ``restart`` says so start over as a new attempt, with a new external id so that the
         old task can never be adopted by mistake: failed rows with ``--retry-failed``, and the
         unfinished rows of an in-process emulator that is gone with its tasks. Raises
@@ -295,16 +406,33 @@ class Journal:
         now = time.time()
         batch_id = self.batch_id or secrets.token_hex(6)
         total = max([row.number for row in rows] + [row.number for row in existing.values()])
+        used_ids = {record.external_task_id for record in existing.values()}
+        used_files = {record.file for record in existing.values()}
+        # One number per new row, never reused: on a first run row N gets kb-<batch>-N.
+        counter = int(self.meta.get("next_id", "1"))
         fresh: set[str] = set()
         changed: list[tuple[PromptRow, JournalRow]] = []
         inserts: list[tuple[Any, ...]] = []
+        moves: list[tuple[int, int, str]] = []
         restarts: list[tuple[str, int, str]] = []
         for row in rows:
             known = existing.get(row.key)
             if known is None:
                 own = row.request.external_task_id
-                external = own if own is not None else f"kb-{batch_id}-{row.number}"
-                name = clip_name(row.number, row.request.prompt, total)
+                if own is not None and own in used_ids:
+                    raise JournalError(
+                        f"row {row.number} (line {row.line}): external_task_id={own!r} is "
+                        f"already the id of another row of {self.path}; give the row another"
+                    )
+                external = own
+                while external is None or external in used_ids:
+                    external = f"kb-{batch_id}-{counter}"
+                    counter += 1
+                if own is not None:
+                    counter += 1
+                used_ids.add(external)
+                name = unique_name(clip_name(row.number, row.request.prompt, total), used_files)
+                used_files.add(name)
                 inserts.append(
                     (
                         row.key,
@@ -318,7 +446,10 @@ class Journal:
                     )
                 )
                 fresh.add(row.key)
-            elif known.request_hash != row.request_hash:
+                continue
+            if (known.number, known.line) != (row.number, row.line):
+                moves.append((row.number, row.line, row.key))
+            if known.request_hash != row.request_hash:  # only a row keyed by its own id
                 changed.append((row, known))
             elif restart is not None and restart(known):
                 attempt = known.attempt + 1
@@ -330,8 +461,8 @@ class Journal:
         file_keys = {row.key for row in rows}
         orphans = tuple(row for key, row in existing.items() if key not in file_keys)
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("BEGIN IMMEDIATE")
             if self.batch_id is None:
                 db.executemany(
                     "INSERT INTO meta (key, value) VALUES (?, ?)",
@@ -342,7 +473,10 @@ class Journal:
                         ("created_at", str(now)),
                     ],
                 )
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('prompts', ?)", (prompts,))
+            db.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [("prompts", prompts), ("next_id", str(counter))],
+            )
             db.executemany(
                 "INSERT INTO rows (row_key, number, line, request_hash, request_json, "
                 "external_task_id, file, status, updated_at) "
@@ -356,9 +490,13 @@ class Journal:
                 "updated_at = ? WHERE row_key = ?",
                 [(attempt, external, now, key) for key, attempt, external in restarts],
             )
+            db.executemany("UPDATE rows SET number = ?, line = ? WHERE row_key = ?", moves)
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _write_error(self.path, exc) from None
             raise
         self.meta = dict(db.execute("SELECT key, value FROM meta"))
         current = self.rows()
@@ -390,14 +528,15 @@ class Journal:
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (a full disk does)
+                db.execute("ROLLBACK")
             raise
 
 
 def existing_rows(path: Path) -> tuple[dict[str, str], dict[str, JournalRow]] | None:
     """The meta and rows of a journal, for reading only (``status``, ``--dry-run``), or None
     if there is no journal at ``path``. Never creates one."""
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         return None
     journal = Journal.open(path, lock=False)
     try:

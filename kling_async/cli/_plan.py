@@ -8,6 +8,7 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
+from ._display import plain
 from ._journal import JournalError, JournalRow, existing_rows
 from ._prompts import PromptFile
 from ._run import EXIT_OK, EXIT_USAGE, say
@@ -50,16 +51,15 @@ def show_plan(settings: BatchSettings, prompt_file: PromptFile, console: Console
     plan = Counter(_step(settings, records.get(row.key), row.request_hash) for row in rows)
     journal = "new" if found is None else f"batch {meta.get('batch_id')}"
 
-    def print_(*objects: object, markup: bool = True) -> None:
-        console.print(*objects, markup=markup, soft_wrap=True)
+    def print_(text: str) -> None:
+        console.print(plain(text), soft_wrap=True)
 
-    print_(f"dry run: {len(rows)} rows in {prompt_file.path}; nothing sent", markup=False)
+    print_(f"dry run: {len(rows)} rows in {prompt_file.path}; nothing sent")
     print_(
         f"backend {settings.backend} ({settings.profile.name} rules); journal "
-        f"{settings.journal} ({journal}); clips into {settings.out}/",
-        markup=False,
+        f"{settings.journal} ({journal}); clips into {settings.out}/"
     )
-    print_("plan: " + ", ".join(f"{count} {step}" for step, count in plan.items()), markup=False)
+    print_("plan: " + ", ".join(f"{count} {step}" for step, count in plan.items()))
     table = Table(header_style="bold")
     for column in ("row", "line", "model", "mode", "sec", "ratio"):
         table.add_column(column, no_wrap=True, min_width=len(column))
@@ -69,15 +69,15 @@ def show_plan(settings: BatchSettings, prompt_file: PromptFile, console: Console
         table.add_row(
             str(row.number),
             str(row.line),
-            request.effective_model,
-            request.effective_mode,
-            request.effective_duration,
-            request.aspect_ratio or "16:9",
-            " ".join(request.prompt.split()),
+            plain(request.effective_model),
+            plain(request.effective_mode),
+            plain(request.effective_duration),
+            plain(request.aspect_ratio or "16:9"),
+            plain(" ".join(request.prompt.split())),
         )
     console.print(table)
     if len(rows) > _ROWS_SHOWN:
-        print_(f"... and {len(rows) - _ROWS_SHOWN} more rows", markup=False)
+        print_(f"... and {len(rows) - _ROWS_SHOWN} more rows")
     if settings.credentials is None and not settings.emulator:
         say(f"note: a real run needs a key: {NO_KEY_HINT}")
     return EXIT_OK

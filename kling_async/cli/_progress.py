@@ -7,6 +7,9 @@ the journal never wait for the screen, and no other thread touches the states.
 
 Elsewhere (a log file, CI, a pipe) the same changes become plain timestamped lines, which
 ``grep`` and a human scrolling back both read better than a redrawn region.
+
+Prompts, task ids and messages come from outside: both views escape them
+(:func:`~._display.printable`) and never let rich read them as markup.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from typing import Protocol, TextIO
 import anyio
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._client import ClientStats
+from ._display import plain, printable
 from ._rows import GROUPS, Phase, RowState, tally
 
 __all__ = ["LiveProgress", "PlainProgress", "Reporter"]
@@ -48,8 +51,9 @@ class Reporter(Protocol):
 
     def attach(self, states: Sequence[RowState], stats: Callable[[], ClientStats]) -> None: ...
 
-    def changed(self, state: RowState, message: str) -> None:
-        """A row moved; ``message`` says how, in words (no markup)."""
+    def changed(self, state: RowState, message: str | None) -> None:
+        """A row moved; ``message`` says how, in words (None: count it, say nothing, as for
+        rows an account-level error kept from being sent: they are reported as a count)."""
         ...
 
     def note(self, message: str) -> None:
@@ -97,12 +101,14 @@ class PlainProgress:
 
     def _write(self, text: str) -> None:
         out = self._out or sys.stdout
-        out.write(f"{datetime.now():%H:%M:%S} {text}\n")
+        out.write(f"{datetime.now():%H:%M:%S} {printable(text)}\n")
         out.flush()
 
-    def changed(self, state: RowState, message: str) -> None:
+    def changed(self, state: RowState, message: str | None) -> None:
         if state.phase.is_final:
             self._finished.add(state.row.number)
+        if message is None:
+            return
         width = len(str(self._total))
         self._write(
             f"[{len(self._finished):>{width}}/{self._total}] row {state.row.number}: {message}"
@@ -183,9 +189,9 @@ class LiveProgress:
                 table.add_row(
                     str(state.row.number),
                     state.phase.value,
-                    state.task_id or "-",
+                    plain(state.task_id or "-"),
                     f"{now - (state.active_since or state.since):.0f}s",
-                    _prompt(state),
+                    plain(_prompt(state)),
                 )
             parts.append(table)
             if len(active) > _ACTIVE_ROWS_SHOWN:
@@ -201,13 +207,13 @@ class LiveProgress:
             )
         return Group(*parts)
 
-    def changed(self, state: RowState, message: str) -> None:
+    def changed(self, state: RowState, message: str | None) -> None:
         # Only what a person must not miss gets a line above the live region.
-        if state.phase in (Phase.FAILED, Phase.REJECTED, Phase.ERROR):
+        if message is not None and state.phase in (Phase.FAILED, Phase.REJECTED, Phase.ERROR):
             self.note(f"row {state.row.number}: {message}")
 
     def note(self, message: str) -> None:
-        self._console.print(escape(message), highlight=False)
+        self._console.print(plain(message))
 
     async def run(self) -> None:
         while True:

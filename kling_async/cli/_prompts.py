@@ -2,7 +2,9 @@
 
 ``.txt`` skips blank lines and lines starting with ``#``. ``.jsonl`` rows are JSON objects and
 ``.csv`` files have a header row; both name :class:`Text2VideoRequest` fields (a CSV cell for
-``camera_control`` or ``extra`` holds JSON, an empty cell leaves the field unset).
+``camera_control`` or ``extra`` holds JSON, an empty cell leaves the field unset). A CSV row is
+one physical line: a quoted cell that runs on to the next line is nearly always a stray quote
+that would merge rows, so it is an error, not a multi-line prompt.
 
 The whole file is read and every row validated, against the same backend profile the client
 will use, before anything is sent: an overnight batch that dies on row 212 of 300 because of a
@@ -46,6 +48,9 @@ FIELDS: Final = tuple(field.name for field in attrs.fields(Text2VideoRequest))
 _JSON_CELLS: Final = ("camera_control", "extra")
 _NUMBER_CELLS: Final = ("cfg_scale",)
 _MAX_SHOWN: Final = 30
+#: JSON nested deeper than this is refused (requests are a few levels deep): deeper values
+#: would only exhaust the recursion of the JSON parser, ``repr`` and the encoder.
+MAX_JSON_DEPTH: Final = 64
 
 
 @attrs.frozen
@@ -91,35 +96,49 @@ class Defaults:
         return fields
 
 
+def canonical_json(request: Text2VideoRequest) -> str:
+    """The request as Kling will receive it, canonically encoded (the journal keeps it)."""
+    return json.dumps(
+        request_body(request), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def request_hash(request_json: str) -> str:
+    """What "the same request" means on a rerun: a hash of exactly what would be sent."""
+    return hashlib.sha256(request_json.encode()).hexdigest()
+
+
+def row_key(own_id: str | None, hash_: str, occurrence: int) -> str:
+    """A row's identity across reruns (the journal's migration computes it the same way)."""
+    return f"id:{own_id}" if own_id is not None else f"{hash_}#{occurrence}"
+
+
 @attrs.frozen
 class PromptRow:
     """One request of the file.
 
-    ``number`` is its position among the file's requests (1-based), ``line`` where it starts.
-    ``key`` identifies the row across reruns: its own ``external_task_id`` if the row names one,
-    else its position, so appending rows to a file keeps the earlier rows' identity.
+    ``number`` is its position among the file's requests (1-based), ``line`` where it starts;
+    both follow the file as it is now. ``key`` identifies the row across reruns by what it
+    asks for, not where it is: its own ``external_task_id`` if the row names one, else the hash
+    of the exact request and ``occurrence``, its count among identical requests of the file
+    (the second identical prompt is a row of its own). Inserting, removing or moving lines
+    leaves every other row's identity alone; editing a row makes it another row.
     """
 
     number: int
     line: int
     request: Text2VideoRequest
+    occurrence: int = 1
+    request_json: str = attrs.field(
+        default=attrs.Factory(lambda self: canonical_json(self.request), takes_self=True)
+    )
+    request_hash: str = attrs.field(
+        default=attrs.Factory(lambda self: request_hash(self.request_json), takes_self=True)
+    )
 
     @property
     def key(self) -> str:
-        own = self.request.external_task_id
-        return f"id:{own}" if own is not None else f"#{self.number}"
-
-    @property
-    def request_json(self) -> str:
-        """The request as Kling will receive it, canonically encoded (the journal keeps it)."""
-        return json.dumps(
-            request_body(self.request), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        )
-
-    @property
-    def request_hash(self) -> str:
-        """What "the same request" means on a rerun: a hash of exactly what would be sent."""
-        return hashlib.sha256(self.request_json.encode()).hexdigest()
+        return row_key(self.request.external_task_id, self.request_hash, self.occurrence)
 
 
 @attrs.frozen
@@ -154,6 +173,34 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+def _too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` nests lists and objects more than ``limit`` deep (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _json(text: str) -> Any:
+    """Parse JSON text; ValueError with a message fit for a person if it cannot be used."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError:  # e.g. an integer with thousands of digits
+        raise ValueError("a number has too many digits") from None
+    if _too_deep(value):
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
 def _txt_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
     for line_number, line in enumerate(text.splitlines(), start=1):
         prompt = line.strip()
@@ -167,12 +214,9 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield (
-                line_number,
-                Problem(line_number, f"not valid JSON: {exc.msg} (column {exc.colno})"),
-            )
+            value = _json(line)
+        except ValueError as exc:
+            yield line_number, Problem(line_number, f"not valid JSON: {exc}")
             continue
         if not isinstance(value, dict):
             yield (
@@ -195,20 +239,33 @@ def _csv_cell(field: str, cell: str) -> Any:
             raise ValidationError(field, cell, "must be a number") from None
     if field in _JSON_CELLS:
         try:
-            return json.loads(cell)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(field, cell, f"must be a JSON object ({exc.msg})") from None
+            return _json(cell)
+        except ValueError as exc:
+            raise ValidationError(field, cell, f"must be a JSON object ({exc})") from None
     return cell
 
 
+def _csv_error(start: int, end: int, exc: csv.Error) -> Problem:
+    if "unexpected end of data" in str(exc):
+        if end > start:
+            return Problem(start, f"a quoted cell runs on to line {end} (a stray quote?)")
+        return Problem(start, "a quoted cell is never closed (a stray quote?)")
+    hint = " (a stray quote?)" if '"' in str(exc) else ""
+    return Problem(start, f"not valid CSV: {exc}{hint}")
+
+
 def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # strict: text after a closing quote, or a quote never closed, is an error (not glued on).
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader)
     except StopIteration:
         return
     except csv.Error as exc:
-        yield 1, Problem(1, f"not valid CSV: {exc}")
+        yield 1, _csv_error(1, reader.line_num, exc)
+        return
+    if reader.line_num > 1:
+        yield 1, Problem(1, f"header: a quoted cell runs on to line {reader.line_num}")
         return
     columns = [column.strip() for column in header]
     bad = [column for column in columns if column not in FIELDS]
@@ -230,9 +287,17 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
         except StopIteration:
             return
         except csv.Error as exc:
-            yield start, Problem(start, f"not valid CSV: {exc}")
+            yield start, _csv_error(start, reader.line_num, exc)
             return
         last_line = reader.line_num
+        if last_line > start:
+            # Two rows merged by a stray quote, or a prompt over several lines: either way
+            # not what a person sees in the file, so nothing is guessed.
+            yield (
+                start,
+                Problem(start, f"a quoted cell runs on to line {last_line} (a stray quote?)"),
+            )
+            continue
         if not any(cell.strip() for cell in record):
             continue
         if len(record) != len(columns):
@@ -285,6 +350,7 @@ def load_prompts(path: Path, defaults: Defaults, profile: BackendProfile) -> Pro
     problems: list[Problem] = []
     rows: list[PromptRow] = []
     seen_ids: dict[str, int] = {}
+    occurrences: dict[str, int] = {}
     notes: dict[str, None] = {}
     number = 0
     for line, parsed in parse(text):
@@ -298,12 +364,18 @@ def load_prompts(path: Path, defaults: Defaults, profile: BackendProfile) -> Pro
             try:
                 request = _build(parsed, defaults)
                 profile.validate(request)
-            except (ValidationError, ValueError, TypeError) as exc:
-                problems.append(Problem(line, str(exc)))
+                encoded = canonical_json(request)
+                digest = request_hash(encoded)
+            except UnicodeEncodeError:
+                problems.append(Problem(line, "holds a lone surrogate (\\ud800-\\udfff), not text"))
+                continue
+            except Exception as exc:  # every bad row is a problem, never a crash
+                problems.append(Problem(line, str(exc) or type(exc).__name__))
                 continue
         for warning in caught:
             notes[str(warning.message)] = None
         own_id = request.external_task_id
+        occurrence = 1
         if own_id is not None:
             if own_id in seen_ids:
                 problems.append(
@@ -315,7 +387,18 @@ def load_prompts(path: Path, defaults: Defaults, profile: BackendProfile) -> Pro
                 )
                 continue
             seen_ids[own_id] = line
-        rows.append(PromptRow(number=number, line=line, request=request))
+        else:
+            occurrence = occurrences[digest] = occurrences.get(digest, 0) + 1
+        rows.append(
+            PromptRow(
+                number=number,
+                line=line,
+                request=request,
+                occurrence=occurrence,
+                request_json=encoded,
+                request_hash=digest,
+            )
+        )
     if not problems and not rows:
         problems.append(Problem(0, f"{path}: no prompts found (blank lines and # comments only)"))
     if problems:

@@ -2,9 +2,10 @@
 
 Order matters, and is the crash-safety argument:
 
-1. the whole file was validated (by the caller) before this module runs;
-2. the journal is opened under a lock and reconciled with the file in one synced transaction
-   (every row and its ``external_task_id`` on disk) before the client even starts;
+1. the whole file and every setting were validated (by the caller) before this module runs;
+2. the out directory is locked (one batch per directory, whatever its ``--journal``), the
+   journal is opened under its own lock and reconciled with the file in one synced
+   transaction (every row and its ``external_task_id`` on disk) before the client even starts;
 3. the runner submits, follows and downloads, recording as it goes;
 4. however the run ends (finished, account stopped, Ctrl-C), the pending journal updates are
    flushed, ``summary.json`` is written and the exit status says which of those it was.
@@ -25,7 +26,9 @@ import attrs
 from rich.console import Console
 
 from .._errors import KlingError
+from . import _files
 from ._batch import BatchRunner, remove_stale_parts, verify_done
+from ._display import plain, printable
 from ._journal import TERMINAL, Journal, JournalError, JournalRow, Preparation
 from ._progress import LiveProgress, PlainProgress, Reporter
 from ._prompts import PromptFile
@@ -39,9 +42,13 @@ __all__ = [
     "EXIT_OK",
     "EXIT_SOME_FAILED",
     "EXIT_USAGE",
+    "LOCK_NAME",
     "run_batch",
     "say",
 ]
+
+#: The lock file in the out directory: one batch per directory, whatever its journal.
+LOCK_NAME = ".kling-batch.lock"
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -51,8 +58,10 @@ EXIT_INTERRUPTED = 130
 
 
 def say(text: str) -> None:
-    """A line on stderr: errors, warnings, notes (stdout is for progress and the summary)."""
-    sys.stderr.write(text.rstrip("\n") + "\n")
+    """Lines on stderr: errors, warnings, notes (stdout is for progress and the summary);
+    each escaped, since most hold text from outside (paths, values, server messages)."""
+    lines = text.rstrip("\n").split("\n")
+    sys.stderr.write("".join(printable(line) + "\n" for line in lines))
     sys.stderr.flush()
 
 
@@ -68,6 +77,7 @@ class _Run:
     states: list[RowState] = attrs.Factory(list)
     fatal: KlingError | None = None
     interrupted: bool = False
+    disk_full: bool = False
 
 
 def restart_rule(settings: BatchSettings, verified: set[str]) -> Callable[[JournalRow], bool]:
@@ -109,17 +119,22 @@ def _states(
 def _report_preparation(preparation: Preparation) -> None:
     for row, _known in preparation.changed[:10]:
         say(
-            f"warning: row {row.number} (line {row.line}) differs from the request journaled "
-            "for it by an earlier run, so it is not sent (its first version may already be "
-            "billed): undo the change, or put changed prompts in a new file with another --out"
+            f"warning: row {row.number} (line {row.line}) has external_task_id "
+            f"{row.request.external_task_id!r}, which an earlier run journaled with another "
+            "request, so it is not sent (that version may already be billed): undo the "
+            "change, or give the row a new external_task_id"
         )
     if len(preparation.changed) > 10:
         say(f"warning: ... and {len(preparation.changed) - 10} more changed rows")
-    if preparation.orphans:
-        numbers = ", ".join(str(row.number) for row in preparation.orphans[:10])
+    orphans = preparation.orphans
+    if orphans:
+        plural = "s" if len(orphans) != 1 else ""
+        numbers = ", ".join(str(row.number) for row in orphans[:10])
+        more = ", ..." if len(orphans) > 10 else ""
         say(
-            f"note: the journal has {len(preparation.orphans)} rows the file no longer has "
-            f"(rows {numbers}); they are left as they are"
+            f"note: the journal has {len(orphans)} row{plural} the file no longer has "
+            f"(removed or edited; row{plural} {numbers}{more} when last run); left as they "
+            "are, clips included"
         )
 
 
@@ -181,6 +196,7 @@ async def _execute(
     if settings.emulator:
         reporter.note("using the built-in emulator: no account needed, placeholder clips")
     reporter.note(_opening(run.states, journal))
+    _files.remove_stale_temporaries(settings.out, SUMMARY_NAME)
     async with open_client(settings) as kling:
         runner = BatchRunner(
             kling,
@@ -193,11 +209,33 @@ async def _execute(
         )
         outcome = await runner.run()
         run.fatal = outcome.fatal
+        run.disk_full = outcome.disk_full
     return None
 
 
 async def run_batch(settings: BatchSettings, prompt_file: PromptFile, console: Console) -> int:
     """Run a validated batch to its end; return the exit status."""
+    try:
+        out_lock = _files.lock(
+            settings.out / LOCK_NAME,
+            busy=f"another kling-async batch is using {settings.out} right now; wait for it "
+            "to finish or stop it first",
+        )
+    except _files.FileError as exc:
+        say(f"error: {exc}")
+        return EXIT_USAGE
+    except OSError as exc:
+        full = _files.is_disk_full(exc)
+        reason = _files.disk_full_message(settings.out) if full else str(exc)
+        say(f"error: cannot lock {settings.out / LOCK_NAME}: {reason}")
+        return EXIT_USAGE
+    try:
+        return await _run_locked(settings, prompt_file, console)
+    finally:
+        _files.unlock(out_lock)
+
+
+async def _run_locked(settings: BatchSettings, prompt_file: PromptFile, console: Console) -> int:
     try:
         journal = Journal.open(settings.journal)
     except JournalError as exc:
@@ -229,7 +267,8 @@ def _finish(
 ) -> int:
     assert run.preparation is not None
     changed = {
-        row.key: "differs from the request an earlier run journaled for this row; not sent"
+        row.key: "differs from the request an earlier run journaled under this "
+        "external_task_id; not sent"
         for row, _ in run.preparation.changed
     }
     errored = {
@@ -237,19 +276,34 @@ def _finish(
     }
     summary = build_summary(prompt_file.rows, journal.rows(), changed=changed, errored=errored)
     summary_path = settings.out / SUMMARY_NAME
-    write_summary(
-        summary_path,
-        summary,
-        batch_id=journal.batch_id,
-        prompts=str(prompt_file.path),
-        journal=str(settings.journal),
-        interrupted=run.interrupted,
-    )
+    written = True
+    try:
+        write_summary(
+            summary_path,
+            summary,
+            batch_id=journal.batch_id,
+            prompts=str(prompt_file.path),
+            journal=str(settings.journal),
+            interrupted=run.interrupted,
+        )
+    except OSError as exc:
+        written = False
+        if _files.is_disk_full(exc):
+            say(f"error: {_files.disk_full_message(settings.out)}: {summary_path} not written")
+        else:
+            say(f"error: cannot write {summary_path}: {exc}")
     render_summary(console, summary)
+    if run.disk_full:
+        say(
+            f"error: {_files.disk_full_message(settings.out)}: clips could not be saved; free "
+            "some space, then rerun the same command (finished tasks are downloaded, not "
+            "created again)"
+        )
     if run.interrupted:
         say(_interrupted_hint(settings))
         return EXIT_INTERRUPTED
-    console.print(f"clips in {settings.out}/, summary in {summary_path}", markup=False)
+    if written:
+        console.print(plain(f"clips in {settings.out}/, summary in {summary_path}"))
     if run.fatal is not None:
         say(
             f"error: the account cannot create tasks ({run.fatal}); fix it, then rerun the "
@@ -258,7 +312,7 @@ def _finish(
         return EXIT_ACCOUNT
     unfinished = sum(row.status != "done" for row in summary)
     if not unfinished:
-        return EXIT_OK
+        return EXIT_OK if written else EXIT_SOME_FAILED
     say(
         f"{unfinished} rows did not finish (see {summary_path}); rerunning the same command "
         "retries errors and resumes unfinished rows (failed rows need --retry-failed)"

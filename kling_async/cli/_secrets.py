@@ -2,8 +2,10 @@
 
 The SDK never puts a key in a message; this is the second line of defence for what the command
 line itself handles: keys given with ``--api-key`` or the environment are replaced by ``***``
-in anything written to stdout or stderr (argparse errors included), and an unrecognised
-argument, which may be a key after a mistyped option, is never echoed.
+in anything written to stdout or stderr (argparse errors included), and no argparse error
+echoes a value: an unrecognised argument may be a key after a mistyped option (``--api-kye KEY``)
+or glued to one (``-aKEY``), and an invalid value may be a key given to the wrong option
+(``--mode KEY``), so :func:`scrub_argparse` keeps option names and our own rules only.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
-__all__ = ["Redactor", "RedactingStream", "secrets_in", "scrub_unrecognized"]
+__all__ = ["Redactor", "RedactingStream", "scrub_argparse", "scrub_unrecognized", "secrets_in"]
 
 _ENV_SECRETS = ("KLING_API_KEY", "KLING_SECRET_KEY", "KLING_ACCESS_KEY")
 _MIN_SECRET = 4
+#: What an option name looks like: letters and single dashes, no digits (keys have them).
+_LONG_OPTION = re.compile(r"--[A-Za-z]+(?:-[A-Za-z]+)*")
+_SHORT_OPTION = re.compile(r"-[A-Za-z]")
+_ARGUMENT = re.compile(r"argument (?P<name>[^:]{1,80}): (?P<rest>.*)", re.DOTALL)
 
 
 def secrets_in(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
@@ -62,15 +68,46 @@ class RedactingStream:
         return getattr(self._stream, name)
 
 
+def _option_name(token: str) -> str | None:
+    """The option name of an argument, if it is plainly one (``--api-kye``, ``-x``); None for
+    anything that may carry a value (``-aKEY``, ``--api-kyeKEY``, a bare value)."""
+    name = token.partition("=")[0] if token.startswith("--") else token
+    if _LONG_OPTION.fullmatch(name) and len(name) <= 32:
+        return name
+    return name if _SHORT_OPTION.fullmatch(name) else None
+
+
 def scrub_unrecognized(message: str) -> str:
     """argparse's "unrecognized arguments: --api-kye sk-..." keeps only the option names."""
     prefix = "unrecognized arguments:"
     if not message.startswith(prefix):
         return message
     tokens = message[len(prefix) :].split()
-    kept = [token.partition("=")[0] for token in tokens if token.startswith("-")]
+    kept = [name for name in map(_option_name, tokens) if name is not None]
     hidden = len(tokens) - len(kept)
     shown = " ".join(kept)
     if hidden:
-        shown = f"{shown} (and {hidden} values, not shown)".strip()
+        shown = f"{shown} (and {hidden} more, not shown: they may be keys)".strip()
     return f"{prefix} {shown}"
+
+
+def scrub_argparse(message: str) -> str:
+    """Any argparse error message, with every value taken out: option names, the choices and
+    our own rules (the ``must be ...`` of our argument types, which never quote the value)."""
+    if message.startswith("unrecognized arguments:"):
+        return scrub_unrecognized(message)
+    if message.startswith("the following arguments are required:"):
+        return message  # names only
+    match = _ARGUMENT.fullmatch(message)
+    if match is None:
+        return "invalid arguments (not shown: they may hold keys)"
+    name, rest = match["name"], match["rest"]
+    if rest.startswith("invalid choice:") and "(choose from " in rest:
+        rule = "invalid choice (choose from " + rest.rpartition("(choose from ")[2]
+    elif rest.startswith("ignored explicit argument"):
+        rule = "takes no value"
+    elif rest.startswith(("expected ", "must be ")):
+        rule = rest
+    else:
+        rule = "invalid value (not shown)"
+    return f"argument {name}: {rule}"

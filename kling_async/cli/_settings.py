@@ -3,6 +3,11 @@
 Credentials are resolved here and nowhere else, and never shown: the attrs classes keep them
 out of ``repr``, and the backend identity written into the journal is the base URL without
 user info or query string.
+
+Everything is checked here, before the out directory or the journal is touched: the base URL
+(from ``--base-url`` or ``KLING_BASE_URL``, through one check) and the client's settings, by
+building the :class:`KlingClient` the run will use (construction does no IO). A setting that
+would make the run fail later must not leave a journal behind that belongs to nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -34,6 +40,8 @@ __all__ = [
     "BatchSettings",
     "Credentials",
     "UsageError",
+    "check_base_url",
+    "client_arguments",
     "open_client",
     "settings_from",
 ]
@@ -85,6 +93,36 @@ def credentials_from(api_key: str | None) -> Credentials | None:
     return None
 
 
+def _url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a base URL, in words; None if nothing."""
+    if any(character.isspace() or not character.isprintable() for character in url):
+        return "it holds spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"it cannot be parsed ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "it must start with http:// or https://"
+    if not parts.hostname:
+        return "it names no host"
+    if port == 0:
+        return "port 0 is not a port"
+    if parts.query or parts.fragment:
+        return "a base URL has no query or fragment"
+    return None
+
+
+def check_base_url(url: str, source: str) -> None:
+    """Raise :class:`UsageError` unless ``url`` is an http(s) URL with a host and a valid
+    port; ``source`` says where it came from (``--base-url``, ``KLING_BASE_URL``)."""
+    problem = _url_problem(url)
+    if problem is not None:
+        shown = redact_url(url) if "://" in url else ""  # never user info or a query
+        where = f" ({shown})" if shown and shown != "<unparsable URL>" else ""
+        raise UsageError(f"{source}{where} is not a usable base URL: {problem}")
+
+
 def scaled_retry(scale: float) -> RetryPolicy:
     """The default retry policy, faster in proportion for a time-scaled emulator."""
     if scale == 1:
@@ -117,8 +155,7 @@ class BatchSettings:
         """Which server the journal's tasks live on (no secrets, no query string)."""
         if self.emulator:
             return "emulator"
-        credentials = self.credentials or Credentials()
-        url = self.base_url or os.environ.get(ENV_BASE_URL) or credentials.default_base_url
+        url = self.base_url or (self.credentials or Credentials()).default_base_url
         return redact_url(url).rstrip("/")
 
     @property
@@ -127,20 +164,33 @@ class BatchSettings:
         return COMETAPI if self.emulator else (self.credentials or Credentials()).profile
 
 
+def _base_url(args: argparse.Namespace, credentials: Credentials | None) -> str | None:
+    """``--base-url``, else ``KLING_BASE_URL``, else the backend's default; checked alike."""
+    if args.emulator:
+        return None
+    if args.base_url is not None:
+        check_base_url(args.base_url, "--base-url")
+        return str(args.base_url)
+    from_env = os.environ.get(ENV_BASE_URL)
+    if from_env:  # as the SDK reads it: an empty variable is unset
+        check_base_url(from_env, ENV_BASE_URL)
+        return from_env
+    return (credentials or Credentials()).default_base_url
+
+
 def settings_from(args: argparse.Namespace) -> BatchSettings:
-    """Resolve ``batch`` arguments; raises :class:`UsageError`."""
+    """Resolve ``batch`` arguments and check them all; raises :class:`UsageError`."""
     if args.emulator and (args.api_key or args.base_url):
         raise UsageError("--emulator serves its own API: drop --api-key and --base-url")
     credentials = None if args.emulator else credentials_from(args.api_key)
-    if args.base_url is not None and not args.base_url.startswith(("http://", "https://")):
-        raise UsageError(f"--base-url {redact_url(args.base_url)} must be an http(s) URL")
+    base_url = _base_url(args, credentials)
     try:
         allowed = check_allowed_hosts(args.allow_host)
     except ValidationError as exc:
         raise UsageError(f"--allow-host: {exc}") from None
     scale = args.time_scale or (EMULATOR_TIME_SCALE if args.emulator else 1.0)
     out: Path = args.out
-    return BatchSettings(
+    settings = BatchSettings(
         prompts=args.prompts,
         out=out,
         journal=journal_path(out, args.journal),
@@ -151,13 +201,15 @@ def settings_from(args: argparse.Namespace) -> BatchSettings:
             aspect_ratio=args.aspect_ratio,
         ),
         credentials=credentials,
-        base_url=args.base_url,
+        base_url=base_url,
         emulator=args.emulator,
         time_scale=scale,
         max_active=args.max_active,
         downloads=DownloadSettings(
             max_bytes=args.max_file_size,
             allowed_hosts=allowed,
+            allow_private=args.allow_private_downloads,
+            timeout=args.download_timeout,
             concurrency=args.max_downloads,
             retry=scaled_retry(scale),
         ),
@@ -165,6 +217,50 @@ def settings_from(args: argparse.Namespace) -> BatchSettings:
         progress=args.progress,
         dry_run=args.dry_run,
     )
+    _check_client(settings)
+    return settings
+
+
+def client_arguments(
+    settings: BatchSettings, credentials: Credentials, base_url: str | None
+) -> dict[str, Any]:
+    """The arguments of the run's :class:`KlingClient` (one place: the check builds it too)."""
+    scale = settings.time_scale
+    return {
+        "api_key": credentials.api_key,
+        "access_key": credentials.access_key,
+        "secret_key": credentials.secret_key,
+        "base_url": base_url,
+        "poll": PollPolicy().scaled(scale) if scale != 1 else None,
+        "retry": scaled_retry(scale),
+        "settle_window": 5.0 * scale,
+        "max_active_tasks": settings.max_active,
+        # The SDK's default request cap, loosened in step with a time-scaled emulator.
+        "max_requests_per_second": None if settings.emulator else 20.0 / scale,
+    }
+
+
+_OPTION_OF: Final = {
+    "base_url": "the base URL",
+    "max_active_tasks": "--max-active",
+    "poll": "--time-scale",
+    "retry": "--time-scale",
+    "settle_window": "--time-scale",
+    "max_requests_per_second": "--time-scale",
+}
+
+
+def _check_client(settings: BatchSettings) -> None:
+    """Build (and drop) the client the run would build: its checks, before any file exists.
+    Without a key yet (``--dry-run``, or the no-key error to come) a placeholder stands in."""
+    credentials = settings.credentials or Credentials(api_key="sk-placeholder")
+    base_url = "http://127.0.0.1" if settings.emulator else settings.base_url
+    try:
+        KlingClient(**client_arguments(settings, credentials, base_url))
+    except ValidationError as exc:
+        # exc.value is not shown: it may be a URL with user info, or a key.
+        option = _OPTION_OF.get(exc.field.partition(".")[0], exc.field)
+        raise UsageError(f"{option}: {exc.field} {exc.rule}") from None
 
 
 @asynccontextmanager
@@ -184,16 +280,5 @@ async def open_client(settings: BatchSettings) -> AsyncIterator[KlingClient]:
             assert settings.credentials is not None
             credentials = settings.credentials
             base_url = settings.base_url
-        client = KlingClient(
-            api_key=credentials.api_key,
-            access_key=credentials.access_key,
-            secret_key=credentials.secret_key,
-            base_url=base_url,
-            poll=PollPolicy().scaled(scale) if scale != 1 else None,
-            retry=scaled_retry(scale),
-            settle_window=5.0 * scale,
-            max_active_tasks=settings.max_active,
-            # The SDK's default request cap, loosened in step with a time-scaled emulator.
-            max_requests_per_second=None if settings.emulator else 20.0 / scale,
-        )
+        client = KlingClient(**client_arguments(settings, credentials, base_url))
         yield await stack.enter_async_context(client)

@@ -1,13 +1,14 @@
 """The end of a run: a table for the person, ``summary.json`` for the next program.
 
 ``summary.json`` has one entry per row of the prompt file (status, task id, file, seconds,
-error) and is replaced atomically, so a script polling it never reads half a file.
+error) and is replaced atomically (a random temporary file, never through a link), so a script
+polling it never reads half a file. In the table, rows that ended the same way for the same
+reason (an account error that stopped every submission, say) share one line.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ import attrs
 from rich.console import Console
 from rich.table import Table
 
+from ._display import plain
+from ._files import replace_file
 from ._journal import JournalRow
 from ._prompts import PromptRow
 
@@ -87,13 +90,8 @@ def write_summary(path: Path, rows: Sequence[SummaryRow], **meta: Any) -> None:
         "counts": dict(sorted(counts.items())),
         "rows": [attrs.asdict(row) for row in rows],
     }
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as file:
-        json.dump(payload, file, indent=2, ensure_ascii=False)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    replace_file(path, text.encode())
 
 
 def _short(text: str | None, width: int) -> str:
@@ -103,25 +101,57 @@ def _short(text: str | None, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def row_ranges(numbers: Sequence[int], limit: int = 12) -> str:
+    """``1-6, 9, 12-13``: row numbers as ranges (at most ``limit`` of them, then ``...``)."""
+    ranges: list[list[int]] = []
+    for number in sorted(numbers):
+        if ranges and number == ranges[-1][1] + 1:
+            ranges[-1][1] = number
+        else:
+            ranges.append([number, number])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges[:limit]]
+    return ", ".join(parts) + (", ..." if len(ranges) > limit else "")
+
+
+def _lines(rows: Sequence[SummaryRow]) -> list[list[SummaryRow]]:
+    """The table's lines: a row each, but rows with the same status and error share one."""
+    lines: list[list[SummaryRow]] = []
+    shared: dict[tuple[str, str], list[SummaryRow]] = {}
+    for row in rows:
+        if row.status == "done" or not row.error:
+            lines.append([row])
+            continue
+        key = (row.status, row.error)
+        if key not in shared:
+            shared[key] = []
+            lines.append(shared[key])
+        shared[key].append(row)
+    return lines
+
+
 def render_summary(console: Console, rows: Sequence[SummaryRow]) -> None:
     """Counts per status, then the rows: all of them for a small batch, else the ones that
     need attention (the full list is in summary.json)."""
     counts = Counter(row.status for row in rows)
     shown = list(rows) if len(rows) <= _TABLE_ROWS else [r for r in rows if r.status != "done"]
-    if shown:
+    lines = _lines(shown)
+    if lines:
         table = Table(title="batch summary", title_justify="left", header_style="bold")
         table.add_column("row", justify="right")
         table.add_column("status")
         table.add_column("seconds", justify="right")
         table.add_column("file / error", overflow="fold")
-        for row in shown[:_TABLE_ROWS]:
+        for group in lines[:_TABLE_ROWS]:
+            row = group[0]
             detail = row.file if row.status == "done" else _short(row.error, 100)
-            seconds = f"{row.seconds:.1f}" if row.seconds is not None else ""
-            table.add_row(str(row.row), row.status, seconds, detail or "")
-        console.print(table, highlight=False)
-        if len(shown) > _TABLE_ROWS:
-            console.print(f"... and {len(shown) - _TABLE_ROWS} more rows in {SUMMARY_NAME}")
-    console.print(
-        ", ".join(f"{count} {status}" for status, count in sorted(counts.items())),
-        highlight=False,
-    )
+            seconds = f"{row.seconds:.1f}" if row.seconds is not None and len(group) == 1 else ""
+            table.add_row(
+                plain(row_ranges([member.row for member in group])),
+                plain(row.status),
+                seconds,
+                plain(detail or ""),
+            )
+        console.print(table)
+        if len(lines) > _TABLE_ROWS:
+            console.print(plain(f"... and {len(lines) - _TABLE_ROWS} more lines in {SUMMARY_NAME}"))
+    console.print(plain(", ".join(f"{count} {status}" for status, count in sorted(counts.items()))))
