@@ -194,6 +194,8 @@ class Api:
                     raise
                 started = time.monotonic()
                 room = min(max(delay, self.retry.remaining(attempt)), deadline - started)
+                if verdict_in is not None:
+                    room = min(room, verdict_in)
                 if not await self.may_retry(exc, wait=room):
                     raise
                 log.debug("GET %s failed (%s); retry %d in %.2fs", path, exc, attempt, delay)

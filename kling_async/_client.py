@@ -170,6 +170,7 @@ class KlingClient:
                 "max_requests_per_second", max_requests_per_second, "must be > 0, or None"
             )
         self.base_url = base_url.rstrip("/")
+        self.unreachable_after = unreachable_after
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollPolicy()
         self._transport = HttpTransport(
@@ -257,6 +258,11 @@ class KlingClient:
             self._task_group.cancel_scope.cancel()
         self._task_group = None
         await stack.aclose()
+
+    @property
+    def host(self) -> str:
+        """The API's host name (where result files may always be fetched from)."""
+        return self._transport.host
 
     def _running(self) -> None:
         if self._stack is None:

@@ -360,13 +360,14 @@ async def create_task(
         if verdict_in is not None:
             delay = min(delay, verdict_in)
         started = time.monotonic()
+        patience = min(max(delay, retry.remaining(attempt)), deadline - started)
+        if verdict_in is not None:
+            patience = min(patience, verdict_in)  # waiting for a token must not hide the verdict
         if (
             unreachable is not None
             or attempt >= retry.attempts
             or started + delay > deadline
-            or not await api.may_retry(
-                failure, wait=min(max(delay, retry.remaining(attempt)), deadline - started)
-            )
+            or not await api.may_retry(failure, wait=patience)
         ):
             final = unreachable or failure
             if state.unsettled is not None:

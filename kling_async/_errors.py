@@ -248,13 +248,23 @@ class TransportError(KlingError):
 
     ``request_sent`` is False only when the request provably never left (connect refused, DNS,
     TLS handshake, connect timeout): only then is re-sending a create safe without a lookup.
-    ``host`` is the host it was for. The library's own exception is never kept as the cause:
-    aiohttp's errors carry the request's headers, the ``Authorization`` header among them.
+    ``host`` is the host it was for and ``reason`` the failure in a few words ("connection
+    refused", "DNS lookup failed (...)", "TLS handshake failed", "connect timed out"). The
+    library's own exception is never kept as the cause: aiohttp's errors carry the request's
+    headers, the ``Authorization`` header among them.
     """
 
-    def __init__(self, message: str, *, request_sent: bool, host: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_sent: bool,
+        host: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         self.request_sent = request_sent
         self.host = host
+        self.reason = reason
         super().__init__(message)
 
 
@@ -268,12 +278,12 @@ class UnreachableError(TransportError):
 
     def __init__(self, host: str, seconds: float, last: str) -> None:
         self.seconds = seconds
-        self.last = last
         super().__init__(
-            f"cannot reach {host} (for {seconds:.0f} s; last error: {last}): check the base "
-            "URL, the network and any proxy, then try again",
+            f"cannot reach {host}: {last}, for {seconds:.0f} s; check the base URL, the network "
+            "and any proxy",
             request_sent=False,
             host=host,
+            reason=last,
         )
 
 

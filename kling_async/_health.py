@@ -31,7 +31,7 @@ class Health:
         self.unreachable_after = unreachable_after
         #: When the current run of connect failures began (monotonic), None when connected.
         self.connect_failing_since: float | None = None
-        #: The last connect failure of that run, in words.
+        #: The last connect failure of that run, in a few words ("connection refused").
         self.connect_error: str | None = None
         self.connect_failures = 0
         self._failing = False
@@ -58,7 +58,7 @@ class Health:
         self.connect_failures += 1
         if self.connect_failing_since is None:
             self.connect_failing_since = time.monotonic()
-        self.connect_error = str(error)
+        self.connect_error = error.reason or str(error)
 
     # --- verdicts -----------------------------------------------------------------------------
 
@@ -75,7 +75,7 @@ class Health:
         seconds = self.failing_for
         if seconds < self.unreachable_after:
             return None
-        return UnreachableError(self.host, seconds, _last_words(self.connect_error))
+        return UnreachableError(self.host, seconds, self.connect_error or "no answer")
 
     def until_verdict(self) -> float | None:
         """Seconds until the host would count as unreachable if nothing gets through."""
@@ -87,11 +87,3 @@ class Health:
         """Sleep ``at_most`` seconds, or less if a good answer ends a run of failures."""
         with anyio.move_on_after(at_most):
             await self._recovered.wait()
-
-
-def _last_words(error: str | None) -> str:
-    """The part of a transport error worth repeating: what the connect attempt said."""
-    if not error:
-        return "no answer"
-    start, end = error.rfind("("), error.rfind(")")
-    return error[start + 1 : end] if 0 <= start < end else error

@@ -64,13 +64,31 @@ class RawResponse:
     retry_after: float | None = None
 
 
+def connect_reason(exc: BaseException) -> str:
+    """Why a connection could not be made, in a few words a person recognises."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "TLS certificate not trusted"
+    if isinstance(exc, aiohttp.ClientConnectorSSLError) or isinstance(cause, ssl.SSLError):
+        return "TLS handshake failed"
+    if isinstance(cause, socket.gaierror):
+        return f"DNS lookup failed ({cause.strerror or cause})"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError) or isinstance(cause, TimeoutError):
+        return "connect timed out"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return type(cause).__name__
+
+
 def describe(exc: BaseException, redact: Redact = no_redaction) -> str:
     """``Type: message`` for an aiohttp or OS error, with server-provided text redacted and
     without the request details some of them carry in their arguments."""
     if isinstance(exc, aiohttp.ClientResponseError):
         text = f"HTTP {exc.status}, {exc.message}"
-    elif isinstance(exc, aiohttp.ClientConnectorError):
-        text = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
+    elif isinstance(exc, _CONNECT_ERRORS):
+        text = connect_reason(exc)
     else:
         text = str(exc)
     text = " ".join(redact(text).split())
@@ -240,10 +258,12 @@ class HttpTransport:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except _CONNECT_ERRORS as exc:
             # Connect refused, DNS, TLS handshake, connect timeout: nothing left this machine.
+            reason = connect_reason(exc)
             failure = TransportError(
-                f"{method} {path}: could not connect to {self.host} ({describe(exc, redact)})",
+                f"{method} {path}: could not connect to {self.host} ({reason})",
                 request_sent=False,
                 host=self.host,
+                reason=reason,
             )
         except _OTHER_ERRORS as exc:
             # Read timeout, reset, disconnect, bad payload: the server may have acted on it.

@@ -52,9 +52,14 @@ __all__ = ["ExternalIdLookups", "TaskResource", "Text2VideoResource"]
 log = logging.getLogger("kling_async")
 
 _FORMS: tuple[ExternalIdLookup, ...] = ("query", "path", "path_flag")
-#: After lookups were found not to work, look again this long after (a known task may only
-#: have been too new to show).
-_REPROBE_AFTER = 60.0
+#: After lookups were found not to work, look again after this long, doubling each time up to
+#: a minute: a known task may only have been too new to show (a backend's visibility lag).
+_RECHECK_FIRST = 1.0
+_RECHECK_MAX = 60.0
+#: A known task that no form finds proves lookups do not work only once it is this old (or
+#: when every form refused the lookup itself): a new task may show in lookups only a while
+#: after its create (protocol 7), so until then a miss proves nothing either way.
+_SHOWS_WITHIN = 60.0
 #: A last look at a wait's deadline may take this long beyond it.
 _FINAL_LOOK_GRACE = 5.0
 
@@ -99,7 +104,10 @@ class ExternalIdLookups:
     external id: in ``form`` if the caller chose one (``learn=False``), else in each of the
     three forms until one finds it. If none does, lookups count as unsupported (a miss would
     prove nothing), and ambiguous creates are reported instead of re-sent; that verdict is
-    checked again a minute later, since a known task may just have been too new to show.
+    checked again after a second, then two, ... up to a minute, since a known task may just
+    have been too new to show. A known task under a minute old that no form finds (and that
+    some form answered "not found" for, rather than refusing the lookup) proves nothing yet:
+    the form is trusted meanwhile, and checked again on the same schedule.
     """
 
     def __init__(self, api: Api, path: str, form: ExternalIdLookup | None, *, learn: bool) -> None:
@@ -109,8 +117,10 @@ class ExternalIdLookups:
         self._learn = learn and form is not None
         self._verdict: Literal["unknown", "works", "broken"] = "unknown"
         self._check_again_at = 0.0
-        #: (external_task_id, task_id) of tasks known to exist, oldest first.
-        self._known: deque[tuple[str, str]] = deque(maxlen=4)
+        self._recheck_after = _RECHECK_FIRST
+        #: (external_task_id, task_id, monotonic instant it was created) of the first tasks
+        #: known to exist, oldest first.
+        self._known: deque[tuple[str, str, float]] = deque()
 
     @property
     def configured(self) -> bool:
@@ -118,30 +128,37 @@ class ExternalIdLookups:
 
     def remember(self, task: Task) -> None:
         """A task known to exist, with its external id: material for the check."""
-        if self._verdict == "unknown" and task.external_task_id:
+        if self._verdict != "works" and task.external_task_id and len(self._known) < 4:
+            # The oldest are kept: the longer a task has existed, the surer it shows.
             pair = (task.external_task_id, task.task_id)
-            if pair not in self._known:
-                self._known.append(pair)
+            if all(known[:2] != pair for known in self._known):
+                created = task.created_at
+                age = 0.0 if created is None else max(0.0, time.time() - created.timestamp())
+                self._known.append((*pair, time.monotonic() - age))
 
     async def usable(self) -> bool:
         if self.form is None:
             return False
         if self._verdict == "works":
             return True
-        if self._verdict == "broken" and time.monotonic() < self._check_again_at:
-            return False
+        if time.monotonic() < self._check_again_at:
+            return self._verdict != "broken"
         if not self._known:
             return True  # nothing to check against: trust the configured form
         return await self._check()
 
     async def _check(self) -> bool:
-        external_task_id, task_id = self._known[0]
+        external_task_id, task_id, created = self._known[0]
         assert self.form is not None
         forms = [self.form, *(f for f in _FORMS if f != self.form)] if self._learn else [self.form]
+        refused = True  # every form refused the lookup itself (rather than finding nothing)
         for form in forms:
             try:
                 task = await self._find(external_task_id, form, offered=True)
-            except (TaskNotFoundError, InvalidRequestError):
+            except TaskNotFoundError:
+                refused = False
+                continue
+            except InvalidRequestError:
                 continue
             except KlingError:
                 return True  # the server is failing: inconclusive, keep the form
@@ -152,8 +169,17 @@ class ExternalIdLookups:
             self.form, self._verdict = form, "works"
             self._known.clear()
             return True
+        now = time.monotonic()
+        self._check_again_at = now + self._recheck_after
+        self._recheck_after = min(self._recheck_after * 2, _RECHECK_MAX)
+        if not refused and now - created < _SHOWS_WITHIN:
+            # Not found, but it may just not show yet: trust the form until it is older.
+            self._verdict = "unknown"
+            return True
+        first = self._verdict != "broken"
         self._verdict = "broken"
-        self._check_again_at = time.monotonic() + _REPROBE_AFTER
+        if not first:
+            return False
         log.warning(
             "lookups by external_task_id do not find a known task on this backend (tried "
             "%s): an ambiguous create will be reported, not sent again",

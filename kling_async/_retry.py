@@ -56,7 +56,7 @@ class RetryPolicy:
         slower than its schedule already makes it."""
         total = 0.0
         for number in range(max(1, retry_number), self.attempts):
-            total += min(self.maximum, self.initial * 2 ** (number - 1))
+            total += min(self.maximum, self.initial * 2 ** min(60, number - 1))
         return min(total, self.timeout)
 
     def delay(
@@ -68,7 +68,8 @@ class RetryPolicy:
         throttled: bool = False,
     ) -> float:
         """Seconds to wait before retry number ``retry_number`` (1 for the first retry)."""
-        ceiling = min(self.maximum, self.initial * 2 ** max(0, retry_number - 1))
+        # The exponent is capped: past 2**60 the maximum has long been reached anyway.
+        ceiling = min(self.maximum, self.initial * 2 ** min(60, max(0, retry_number - 1)))
         if throttled:
             ceiling = max(ceiling, self.throttle_minimum)
         draw = (rng or random).uniform(ceiling / 2, ceiling)

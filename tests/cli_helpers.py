@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     "account_error": None,
     "download_rate": None,
     "url_ttl": None,
+    "visibility_lag": 0.0,
+    "duplicate_external_id": "reject",
+    "result_url": None,
 }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -433,32 +432,24 @@ def test_live_progress_renders_and_finishes(server: EmulatorProcess, tmp_path: P
     assert "3 done" in result.out
 
 
-def test_with_the_builtin_emulator_a_rerun_restarts_what_its_gone_emulator_held(
-    tmp_path: Path,
-) -> None:
-    """The in-process emulator dies with each run, and its tasks with it: a rerun redoes rows
-    whose file is missing and rows that were still running, as new attempts."""
+def test_with_the_builtin_emulator_a_rerun_finds_its_tasks_again(tmp_path: Path) -> None:
+    """The built-in emulator keeps its tasks in the out dir: a rerun downloads a lost file
+    again from the same task, as against a real account, and creates nothing."""
     prompts = write_prompts(tmp_path / "p.txt", 3)
     out = tmp_path / "out"
     command = ["batch", str(prompts), "--out", str(out), "--emulator", "--time-scale", "0.002"]
     assert run_main(command, key=None).code == 0
     first, second, third = journal_rows(out)
     (out / first["file"]).unlink()
-    with sqlite3.connect(out / "kling-journal.sqlite3") as db:
-        db.execute(
-            "UPDATE rows SET status = 'processing', task_id = 'gone', sha256 = NULL "
-            "WHERE number = 2"
-        )
     result = run_main(command, key=None)
     assert result.code == 0, result.err
     again = journal_rows(out)
-    assert [row["external_task_id"] for row in again] == [
-        first["external_task_id"] + "-a2",
-        second["external_task_id"] + "-a2",
-        third["external_task_id"],
+    assert [(row["external_task_id"], row["task_id"]) for row in again] == [
+        (row["external_task_id"], row["task_id"]) for row in (first, second, third)
     ]
+    assert [row["attempt"] for row in again] == [1, 1, 1]
     assert [row["status"] for row in again] == ["done"] * 3
-    assert again[2]["sha256"] == third["sha256"] == sha256_file(out / third["file"])
+    assert sha256_file(out / first["file"]) == first["sha256"]
     assert leftovers(out) == []
 
 

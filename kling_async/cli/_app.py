@@ -3,7 +3,9 @@
 Exit statuses: 0 every row done; 1 some rows failed or did not finish (also when the run had
 to stop after sending, e.g. on a full disk); 2 usage, input or journal problems found before
 anything was sent; 3 an account-level error (arrears, no permission, a
-rejected key) stopped the batch; 130 interrupted (the journal is intact: rerun the command).
+rejected key) stopped the batch; 4 the API host could not be reached (refused connections,
+DNS or TLS failures for ``unreachable_after`` seconds); 130 interrupted (the journal is
+intact: rerun the command).
 """
 
 from __future__ import annotations
@@ -154,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=f"API base URL (default: ${ENV_BASE_URL}, else {COMETAPI_BASE_URL} for keys "
         "and Kling's own API for access keys)",
+    )
+    group.add_argument(
+        "--unreachable-after",
+        type=_seconds(MAX_DOWNLOAD_TIMEOUT),
+        default=30.0,
+        metavar="SECONDS",
+        help="stop (exit 4) once the API host has refused every connection for this long "
+        "(default: 30)",
     )
     group.add_argument(
         "--emulator",

@@ -8,7 +8,8 @@ this module only decides, per row, which of its doors to use, and writes down wh
   ``submit_many(..., resume=True)``, which looks the ``external_task_id`` up before creating;
 * a row with a ``task_id``: ``track(task_id)``;
 * a row whose task succeeded but whose file is missing or does not hash to what was recorded:
-  ``download`` straight away (a dead URL makes it fetch the task for a fresh one);
+  ``track(task_id)`` too, which ends at its first look, then ``download`` from the task's
+  current URL (a journaled one may have expired or moved);
 * a done row (file present, same SHA-256), a failed or a rejected row: skipped.
 
 Every job reports through ``kling.events()``; each change becomes a journal update, grouped
@@ -40,9 +41,10 @@ from .._errors import (
     KlingError,
     PolicyError,
     TaskNotFoundError,
+    UnreachableError,
 )
 from .._jobs import Job, JobEvent, JobStatus
-from .._models import Task, TaskStatus, Video
+from .._models import Task
 from .._profiles import UnknownModelWarning
 from .._retry import RetryPolicy
 from ._files import disk_full_message, is_disk_full
@@ -58,6 +60,10 @@ __all__ = [
     "remove_stale_parts",
     "verify_done",
 ]
+
+
+#: How often the runner looks at the client's connection health.
+_CONNECTION_CHECK_SECONDS = 0.5
 
 
 @attrs.frozen(kw_only=True)
@@ -76,11 +82,13 @@ class DownloadSettings:
 @attrs.frozen
 class BatchOutcome:
     """``fatal`` is the account-level error that stopped submissions, if one did;
-    ``disk_full`` whether a clip could not be saved for want of space."""
+    ``disk_full`` whether a clip could not be saved for want of space; ``unreachable`` the
+    error that ended rows because the API host could not be reached, if one did."""
 
     states: tuple[RowState, ...]
     fatal: KlingError | None
     disk_full: bool = False
+    unreachable: UnreachableError | None = None
 
 
 def _sha256_of(path: Path) -> str | None:
@@ -199,6 +207,9 @@ class BatchRunner:
         #: Rows the account-level error kept from being sent (reported as one count).
         self._not_sent = 0
         self._disk_full = False
+        #: Rows ended because the API host could not be reached (one line, one count).
+        self.unreachable: UnreachableError | None = None
+        self._unreached = 0
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -211,6 +222,7 @@ class BatchRunner:
                 await task_group.start(self._follow_events)
                 self._reporter.attach(self.states, lambda: self._kling.stats)
                 task_group.start_soon(self._reporter.run)
+                task_group.start_soon(self._watch_connection)
                 self._launch()
                 await self._finished.wait()
                 task_group.cancel_scope.cancel()
@@ -222,8 +234,30 @@ class BatchRunner:
                 if self._not_sent:
                     rows = "row" if self._not_sent == 1 else "rows"
                     self._reporter.note(f"{self._not_sent} {rows} not sent: {self.fatal}")
+                if self._unreached:
+                    rows = "row" if self._unreached == 1 else "rows"
+                    self._reporter.note(f"{self._unreached} {rows} stopped: {self.unreachable}")
                 self._reporter.close()
-        return BatchOutcome(self.states, self.fatal, self._disk_full)
+        return BatchOutcome(self.states, self.fatal, self._disk_full, self.unreachable)
+
+    async def _watch_connection(self) -> None:
+        """Say within a second when the API host refuses every connect, and when it answers
+        again: the client retries such failures on its own, and a person should not stare at
+        a silent screen meanwhile."""
+        failing = False
+        limit = self._kling.unreachable_after
+        give_up = f"giving up after {limit:g} s without an answer" if limit else "retrying"
+        while True:
+            stats = self._kling.stats
+            if stats.connection_error is not None and not failing:
+                failing = True
+                self._reporter.note(
+                    f"cannot reach {self._kling.host} ({stats.connection_error}); {give_up}"
+                )
+            elif stats.connection_error is None and failing:
+                failing = False
+                self._reporter.note(f"reached {self._kling.host} again")
+            await anyio.sleep(_CONNECTION_CHECK_SECONDS)
 
     async def _follow_events(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -247,12 +281,10 @@ class BatchRunner:
             self._open += 1
             if record.status == "pending":
                 (new if record.key in fresh else resumed).append(state)
-            elif record.status in ("succeeded", "done") and record.video_url:
-                video = Video(id=record.video_id or "", url=record.video_url)
-                assert record.task_id is not None
-                task = Task(task_id=record.task_id, status=TaskStatus.SUCCEEDED, videos=(video,))
-                self._start_download(state, task)
             elif record.task_id is not None:
+                # Running, or succeeded with no file on disk yet: follow the task (a finished
+                # one ends at the first look), and download from its current URL, not a
+                # journaled one that may have expired or moved since.
                 state.move(Phase.SUBMITTED)
                 self._watch(state, self._kling.track(record.task_id))
             else:  # pragma: no cover - a journal row no status explains; start it afresh
@@ -290,6 +322,8 @@ class BatchRunner:
         if task is not None and state.task_id != task.task_id:
             state.task_id = task.task_id
             changes["task_id"] = task.task_id
+            if event.job.possible_duplicate:
+                changes["possible_duplicate"] = 1
             if state.record.submitted_at is None:
                 # Our clock, not the task's created_at: the summary's seconds must not mix a
                 # server's (or a time-scaled emulator's) clock with ours.
@@ -340,6 +374,17 @@ class BatchRunner:
                 self._not_sent += 1
                 self._end(state, Phase.ERROR, text, quiet=True)
                 return
+        elif isinstance(error, UnreachableError):
+            if self.unreachable is None:
+                self.unreachable = error
+                self._reporter.note(f"giving up: {error}")
+            # One cause for every row it ends: said once, counted at the end.
+            text = f"stopped: {self.unreachable}"
+            changes["error"] = text
+            self._writer.update(state.row.key, **changes)
+            self._unreached += 1
+            self._end(state, Phase.ERROR, text, quiet=True)
+            return
         elif (
             isinstance(error, PolicyError | InvalidRequestError)
             and not isinstance(error, TaskNotFoundError)
@@ -386,7 +431,8 @@ class BatchRunner:
                     message = f"download failed: {disk_full_message(self._out)}"
                 else:
                     message = f"download failed: {exc}"
-                self._writer.update(state.row.key, error=message)
+                # The task succeeded; its file is not on disk (a row once done included).
+                self._writer.update(state.row.key, status="succeeded", error=message)
                 self._end(state, Phase.ERROR, message)
                 return
         finished_at = time.time()

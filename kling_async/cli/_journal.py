@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS rows (
     error TEXT,
     submitted_at REAL,
     finished_at REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    possible_duplicate INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -102,6 +103,7 @@ UPDATABLE: Final = frozenset(
         "error",
         "submitted_at",
         "finished_at",
+        "possible_duplicate",
     }
 )
 
@@ -136,6 +138,8 @@ class JournalRow:
     error: str | None
     submitted_at: float | None
     finished_at: float | None
+    #: The backend may hold two tasks for this row (see ``Job.possible_duplicate``).
+    possible_duplicate: bool = False
 
     @property
     def seconds(self) -> float | None:
@@ -146,8 +150,11 @@ class JournalRow:
 
 _COLUMNS: Final = (
     "row_key, number, line, request_hash, request_json, external_task_id, attempt, task_id, "
-    "status, video_id, video_url, file, sha256, size, error, submitted_at, finished_at"
+    "status, video_id, video_url, file, sha256, size, error, submitted_at, finished_at, "
+    "possible_duplicate"
 )
+#: The same, for a journal written before ``possible_duplicate`` was a column.
+_OLD_COLUMNS: Final = _COLUMNS.replace("possible_duplicate", "0")
 
 
 def _row(record: Sequence[Any]) -> JournalRow:
@@ -169,6 +176,7 @@ def _row(record: Sequence[Any]) -> JournalRow:
         error,
         submitted_at,
         finished_at,
+        possible_duplicate,
     ) = record
     return JournalRow(
         key=key,
@@ -188,7 +196,12 @@ def _row(record: Sequence[Any]) -> JournalRow:
         error=error,
         submitted_at=submitted_at,
         finished_at=finished_at,
+        possible_duplicate=bool(possible_duplicate),
     )
+
+
+def _has_column(db: sqlite3.Connection, column: str) -> bool:
+    return any(info[1] == column for info in db.execute("PRAGMA table_info(rows)"))
 
 
 @attrs.frozen
@@ -274,6 +287,7 @@ class Journal:
         self.meta: dict[str, str] = dict(self._db.execute("SELECT key, value FROM meta"))
         #: A schema-1 journal opened read-only: keys are recomputed on every read instead.
         self._positional = False
+        self._has_duplicate_column = _has_column(connection, "possible_duplicate")
         version = self.meta.get("schema", SCHEMA_VERSION)
         if version in _MIGRATED:
             if writable:
@@ -286,6 +300,11 @@ class Journal:
                 f"{path} was written by another version of kling-async (schema {version}); "
                 "use that version, or another --out directory"
             )
+        elif writable and not self._has_duplicate_column:
+            connection.execute(
+                "ALTER TABLE rows ADD COLUMN possible_duplicate INTEGER NOT NULL DEFAULT 0"
+            )
+            self._has_duplicate_column = True
 
     @classmethod
     def open(cls, path: Path, *, lock: bool = True) -> Journal:
@@ -343,8 +362,9 @@ class Journal:
 
     def rows(self) -> dict[str, JournalRow]:
         """Every row, in file order (rows no longer in the file where they last were)."""
+        columns = _COLUMNS if self._has_duplicate_column else _OLD_COLUMNS
         cursor = self._db.execute(
-            f"SELECT {_COLUMNS} FROM rows ORDER BY number, rowid"  # noqa: S608
+            f"SELECT {columns} FROM rows ORDER BY number, rowid"  # noqa: S608
         )
         records = [_row(record) for record in cursor]
         if self._positional:
@@ -368,7 +388,12 @@ class Journal:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [("schema", SCHEMA_VERSION), ("next_id", str(counter))],
             )
+            if not self._has_duplicate_column:
+                db.execute(
+                    "ALTER TABLE rows ADD COLUMN possible_duplicate INTEGER NOT NULL DEFAULT 0"
+                )
             db.execute("COMMIT")
+            self._has_duplicate_column = True
         except sqlite3.Error as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")

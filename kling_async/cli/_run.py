@@ -25,7 +25,7 @@ import anyio
 import attrs
 from rich.console import Console
 
-from .._errors import KlingError
+from .._errors import KlingError, UnreachableError
 from . import _files
 from ._batch import BatchRunner, remove_stale_parts, verify_done
 from ._display import plain, printable
@@ -33,7 +33,7 @@ from ._journal import TERMINAL, Journal, JournalError, JournalRow, Preparation
 from ._progress import LiveProgress, PlainProgress, Reporter
 from ._prompts import PromptFile
 from ._rows import Phase, RowState
-from ._settings import BatchSettings, open_client
+from ._settings import EMULATOR_STATE_NAME, BatchSettings, open_client
 from ._summary import SUMMARY_NAME, build_summary, render_summary, write_summary
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_SOME_FAILED",
+    "EXIT_UNREACHABLE",
     "EXIT_USAGE",
     "LOCK_NAME",
     "run_batch",
@@ -54,6 +55,7 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ACCOUNT = 3
+EXIT_UNREACHABLE = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -78,17 +80,23 @@ class _Run:
     fatal: KlingError | None = None
     interrupted: bool = False
     disk_full: bool = False
+    unreachable: UnreachableError | None = None
 
 
-def restart_rule(settings: BatchSettings, verified: set[str]) -> Callable[[JournalRow], bool]:
-    """Which journal rows start over as a new attempt (a new task, a new external id)."""
+def restart_rule(
+    settings: BatchSettings, verified: set[str], *, emulator_lost: bool = False
+) -> Callable[[JournalRow], bool]:
+    """Which journal rows start over as a new attempt (a new task, a new external id).
+
+    ``emulator_lost``: the built-in emulator's state file is gone (deleted by hand): its
+    tasks and URLs went with it, so what is not safely on disk starts over (no account is
+    billed). With the state file in place, an ``--emulator`` run resumes like any other.
+    """
 
     def restart(record: JournalRow) -> bool:
         if settings.retry_failed and record.status in ("failed", "rejected"):
             return True
-        # An in-process emulator dies with its run: the tasks and URLs of an earlier run are
-        # gone, so what is not safely on disk starts over (no account is billed).
-        return settings.emulator and (
+        return emulator_lost and (
             record.status not in TERMINAL
             or (record.status == "done" and record.key not in verified)
         )
@@ -177,13 +185,15 @@ async def _execute(
     run: _Run,
 ) -> int | None:
     """Steps 2 and 3 of the module docstring; an exit status for problems found first."""
-    verified = await verify_done(settings.out, journal.rows())
+    known = journal.rows()
+    verified = await verify_done(settings.out, known)
+    lost = settings.emulator and bool(known) and not (settings.out / EMULATOR_STATE_NAME).exists()
     try:
         preparation = journal.prepare(
             prompt_file.rows,
             backend=settings.backend,
             prompts=str(prompt_file.path),
-            restart=restart_rule(settings, verified),
+            restart=restart_rule(settings, verified, emulator_lost=lost),
         )
     except JournalError as exc:
         say(f"error: {exc}")
@@ -210,6 +220,7 @@ async def _execute(
         outcome = await runner.run()
         run.fatal = outcome.fatal
         run.disk_full = outcome.disk_full
+        run.unreachable = outcome.unreachable
     return None
 
 
@@ -310,6 +321,14 @@ def _finish(
             "same command to resume"
         )
         return EXIT_ACCOUNT
+    if run.unreachable is not None:
+        gone = run.unreachable
+        say(
+            f"error: cannot reach {gone.host} ({gone.reason}, for {gone.seconds:.0f} s): check "
+            "--base-url or KLING_BASE_URL, the network and any proxy, then rerun the same "
+            "command (tasks already created are followed, not sent again)"
+        )
+        return EXIT_UNREACHABLE
     unfinished = sum(row.status != "done" for row in summary)
     if not unfinished:
         return EXIT_OK if written else EXIT_SOME_FAILED

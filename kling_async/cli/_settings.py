@@ -35,6 +35,7 @@ from ._journal import journal_path
 from ._prompts import Defaults
 
 __all__ = [
+    "EMULATOR_STATE_NAME",
     "EMULATOR_TIME_SCALE",
     "NO_KEY_HINT",
     "BatchSettings",
@@ -45,6 +46,9 @@ __all__ = [
     "open_client",
     "settings_from",
 ]
+
+#: With --emulator, the emulator's tasks are kept here in the out dir (see ``open_client``).
+EMULATOR_STATE_NAME: Final = ".kling-emulator.sqlite3"
 
 #: With --emulator: a 90 s task takes 1.8 s, so the example batch finishes in seconds.
 EMULATOR_TIME_SCALE: Final = 0.02
@@ -146,6 +150,7 @@ class BatchSettings:
     time_scale: float
     max_active: int | None
     downloads: DownloadSettings
+    unreachable_after: float = 30.0
     retry_failed: bool
     progress: str
     dry_run: bool = False
@@ -205,6 +210,7 @@ def settings_from(args: argparse.Namespace) -> BatchSettings:
         emulator=args.emulator,
         time_scale=scale,
         max_active=args.max_active,
+        unreachable_after=args.unreachable_after,
         downloads=DownloadSettings(
             max_bytes=args.max_file_size,
             allowed_hosts=allowed,
@@ -235,14 +241,21 @@ def client_arguments(
         "retry": scaled_retry(scale),
         "settle_window": 5.0 * scale,
         "max_active_tasks": settings.max_active,
+        "unreachable_after": settings.unreachable_after,
         # The SDK's default request cap, loosened in step with a time-scaled emulator.
         "max_requests_per_second": None if settings.emulator else 20.0 / scale,
+        # The built-in emulator refuses a repeated external_task_id, so a re-sent create can
+        # never make a second task there: no row of it is ever a possible duplicate.
+        "profile": attrs.evolve(COMETAPI, repeated_external_id="reject")
+        if settings.emulator
+        else None,
     }
 
 
 _OPTION_OF: Final = {
     "base_url": "the base URL",
     "max_active_tasks": "--max-active",
+    "unreachable_after": "--unreachable-after",
     "poll": "--time-scale",
     "retry": "--time-scale",
     "settle_window": "--time-scale",
@@ -271,8 +284,11 @@ async def open_client(settings: BatchSettings) -> AsyncIterator[KlingClient]:
         if settings.emulator:
             from ..testing import Emulator  # the server is loaded only for this mode
 
+            # Its state lives in the out dir, so a killed run resumes against the same tasks.
+            state = settings.out / EMULATOR_STATE_NAME
+            seed = None if state.exists() else int.from_bytes(os.urandom(4), "big")
             emulator = await stack.enter_async_context(
-                Emulator(time_scale=scale, seed=int.from_bytes(os.urandom(4), "big"))
+                Emulator(time_scale=scale, seed=seed, state_path=state)
             )
             credentials = Credentials(api_key=emulator.api_key)
             base_url: str | None = emulator.url

@@ -42,6 +42,9 @@ class SummaryRow:
     seconds: float | None
     error: str | None
     prompt: str
+    #: The backend may hold two tasks for this row: its create was sent again after an
+    #: outcome no lookup could settle, and the backend may accept a repeated external id.
+    possible_duplicate: bool = False
 
 
 def build_summary(
@@ -78,6 +81,7 @@ def build_summary(
                 else None,
                 error=None if status == "done" else error,
                 prompt=row.request.prompt,
+                possible_duplicate=record is not None and record.possible_duplicate,
             )
         )
     return summary
@@ -144,6 +148,8 @@ def render_summary(console: Console, rows: Sequence[SummaryRow]) -> None:
         for group in lines[:_TABLE_ROWS]:
             row = group[0]
             detail = row.file if row.status == "done" else _short(row.error, 100)
+            if row.possible_duplicate:
+                detail = f"{detail or ''} (possible duplicate)".strip()
             seconds = f"{row.seconds:.1f}" if row.seconds is not None and len(group) == 1 else ""
             table.add_row(
                 plain(row_ranges([member.row for member in group])),
@@ -155,3 +161,12 @@ def render_summary(console: Console, rows: Sequence[SummaryRow]) -> None:
         if len(lines) > _TABLE_ROWS:
             console.print(plain(f"... and {len(lines) - _TABLE_ROWS} more lines in {SUMMARY_NAME}"))
     console.print(plain(", ".join(f"{count} {status}" for status, count in sorted(counts.items()))))
+    doubtful = [row.row for row in rows if row.possible_duplicate]
+    if doubtful:
+        console.print(
+            plain(
+                f"{len(doubtful)} rows may have two tasks (rows {row_ranges(doubtful)}): a create "
+                "was sent again after an outcome no lookup could settle, and this backend may "
+                f"accept a repeated external_task_id; see possible_duplicate in {SUMMARY_NAME}"
+            )
+        )
