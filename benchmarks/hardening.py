@@ -172,14 +172,14 @@ async def limit_climb() -> None:
 
 
 async def _download_case(
-    kling: ka.KlingClient, url: str, target: Path, budget: float
+    kling: ka.KlingClient, url: str, target: Path, budget: float, **options: Any
 ) -> tuple[str, float, bool]:
     task = ka.Task(task_id="1", status=ka.TaskStatus.SUCCEEDED, videos=(ka.Video(id="v", url=url),))
     started = time.monotonic()
     outcome = "saved"
     with anyio.move_on_after(budget) as scope:
         try:
-            await kling.download(task, target)
+            await kling.download(task, target, **options)
         except ka.KlingError as exc:
             outcome = type(exc).__name__
     if scope.cancelled_caught:
@@ -197,8 +197,15 @@ async def downloads() -> None:
         async with ka.KlingClient(api_key=SECRET, base_url=api, retry=FAST_RETRY) as kling:
             with tempfile.TemporaryDirectory() as tmp:
                 for case in ("trickle", "stall", "html", "json", "notmp4"):
+                    # A 10 s budget and a 2 s stall timeout (the defaults are 600 s and the
+                    # client's 30 s read timeout): the point is that they hold.
                     outcome, took, saved = await _download_case(
-                        kling, f"{api}/{case}", Path(tmp) / f"{case}.mp4", 40.0
+                        kling,
+                        f"{api}/{case}",
+                        Path(tmp) / f"{case}.mp4",
+                        40.0,
+                        timeout=10.0,
+                        stall_timeout=2.0,
                     )
                     _line(
                         "hardening_download",

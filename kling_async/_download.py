@@ -52,6 +52,7 @@ __all__ = [
     "DownloadResult",
     "check_allowed_hosts",
     "download_video",
+    "replace_durably",
 ]
 
 log = logging.getLogger("kling_async")
@@ -163,7 +164,7 @@ def _sync_file(fd: int) -> None:
     os.fsync(fd)
 
 
-def _replace_durably(temporary: Path, target: Path) -> None:
+def replace_durably(temporary: Path, target: Path) -> None:
     """Rename into place, then sync the directory so the rename itself survives a crash."""
     os.replace(temporary, target)
     try:
@@ -245,7 +246,7 @@ async def _write_file(
     try:
         with os.fdopen(fd, "wb") as file:
             result = await _write_body(stream, file, head, rest, max_bytes)
-        await anyio.to_thread.run_sync(_replace_durably, temporary, target)
+        await anyio.to_thread.run_sync(replace_durably, temporary, target)
     except BaseException:
         with suppress(OSError):
             temporary.unlink()

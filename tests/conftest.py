@@ -6,13 +6,15 @@ factor on their poll policy, so nothing waits on wall-clock minutes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 import kling_async as ka
 from kling_async.testing import Emulator
+
+from .cli_helpers import EmulatorProcess, emulator_process
 
 SCALE = 0.001
 
@@ -48,3 +50,18 @@ def client_for(emulator: Emulator, **overrides: Any) -> ka.KlingClient:
     if "access_key" in overrides:
         settings.pop("api_key")
     return ka.KlingClient(**settings)
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[EmulatorProcess]:
+    """An emulator in its own process, one per test module (the command-line tests)."""
+    with emulator_process() as emu:
+        yield emu
+
+
+@pytest.fixture
+def server(shared_server: EmulatorProcess) -> Iterator[EmulatorProcess]:
+    """The module's emulator process, with its settings and faults reset around the test."""
+    shared_server.reset()
+    yield shared_server
+    shared_server.reset()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from .cli_helpers import (
     check_no_key,
     cli_process,
     created_for,
-    emulator_process,
     finish,
     journal_rows,
     kill_when,
@@ -37,19 +35,6 @@ from .cli_helpers import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[EmulatorProcess]:
-    with emulator_process() as emu:
-        yield emu
-
-
-@pytest.fixture
-def server(shared_server: EmulatorProcess) -> Iterator[EmulatorProcess]:
-    shared_server.reset()
-    yield shared_server
-    shared_server.reset()
 
 
 # --- the README command ---------------------------------------------------------------------

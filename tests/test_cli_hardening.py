@@ -40,7 +40,6 @@ from .cli_helpers import (
     batch_command,
     cli_process,
     created_for,
-    emulator_process,
     journal_rows,
     leftovers,
     run_main,
@@ -48,19 +47,6 @@ from .cli_helpers import (
     wait_for,
     write_prompts,
 )
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[EmulatorProcess]:
-    with emulator_process() as emu:
-        yield emu
-
-
-@pytest.fixture
-def server(shared_server: EmulatorProcess) -> Iterator[EmulatorProcess]:
-    shared_server.reset()
-    yield shared_server
-    shared_server.reset()
 
 
 def creates(emu: EmulatorProcess) -> int:

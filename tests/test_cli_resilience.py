@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
-import pytest
 
 from kling_async.testing import Emulator
 
@@ -21,25 +19,11 @@ from .cli_helpers import (
     batch_command,
     check_no_key,
     cli_process,
-    emulator_process,
     journal_rows,
     kill_when,
     run_cli,
     write_prompts,
 )
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[EmulatorProcess]:
-    with emulator_process() as emu:
-        yield emu
-
-
-@pytest.fixture
-def server(shared_server: EmulatorProcess) -> Iterator[EmulatorProcess]:
-    shared_server.reset()
-    yield shared_server
-    shared_server.reset()
 
 
 def closed_port() -> int:

@@ -25,6 +25,8 @@ import stat
 from pathlib import Path
 from typing import Final
 
+from .._download import replace_durably
+
 __all__ = [
     "FileError",
     "check_not_link",
@@ -80,19 +82,6 @@ def _write(fd: int, data: bytes | memoryview) -> int:
     return os.write(fd, data)
 
 
-def _sync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems that refuse to sync a directory
-        pass
-    finally:
-        os.close(fd)
-
-
 def replace_file(path: Path, data: bytes) -> None:
     """Put ``data`` at ``path`` atomically: a random temporary file beside it, created
     exclusively without following links, synced, then renamed over ``path`` (a link at
@@ -108,12 +97,11 @@ def replace_file(path: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(temporary, path)
+        replace_durably(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
-    _sync_directory(path.parent)
 
 
 def remove_stale_temporaries(directory: Path, name: str) -> None:
