@@ -367,7 +367,7 @@ class TaskResource:
         returned whatever the poll schedule; that last look may take a few seconds more.
         """
         if timeout is not None and (
-            not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0
+            not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout >= 0
         ):
             raise ValidationError("timeout", timeout, "must be a number of seconds >= 0, or None")
         deadline = None if timeout is None else time.monotonic() + timeout

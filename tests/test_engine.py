@@ -86,11 +86,15 @@ async def test_extreme_storm_may_leave_jobs_ambiguous_but_never_duplicates() -> 
         assert set(created.values()) <= {1}
         for job in jobs:
             assert job.done
-            if job.status is ka.JobStatus.ERROR:
+            if job.status is ka.JobStatus.ERROR and job.task_id is None:
+                # Never created, or never found: said so, with the id to look it up by.
                 assert isinstance(job.error, ka.AmbiguousSubmissionError)
                 assert job.error.external_task_id == job.external_task_id
             else:
+                # Created once; followed to the end, or given up on after polls kept failing
+                # for long, its task_id kept for track().
                 assert created[job.external_task_id] == 1  # type: ignore[index]
+                assert job.task_id in emu.tasks
 
 
 async def test_active_tasks_never_exceed_a_known_limit() -> None:
