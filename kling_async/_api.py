@@ -143,9 +143,13 @@ class Api:
         """Whether a retry of ``failure`` fits the client's retry budget (taking its cost),
         waiting up to ``wait`` seconds for room.
 
-        Throttling (1302, 1303) is the server asking to wait, not failing: never charged.
+        Throttling (1302, 1303) is the server asking to wait, not failing, and a connection
+        that could not be made loaded no server: neither is charged (the health verdict bounds
+        the latter).
         """
         if self.budget is None or isinstance(failure, ThrottledError):
+            return True
+        if isinstance(failure, TransportError) and not failure.request_sent:
             return True
         if await self.budget.acquire(wait=wait):
             return True

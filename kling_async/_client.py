@@ -199,7 +199,8 @@ class KlingClient:
             external_id_lookup=lookup,
         )
         self._hub = EventHub()
-        self._limit = AdaptiveLimit(max_active_tasks)
+        # A probe at least every 20 max intervals (20 minutes by default) while jobs wait.
+        self._limit = AdaptiveLimit(max_active_tasks, probe_period=20 * self.poll.max_interval)
         self._submitter = Submitter(
             self.text2video,
             self._limit,

@@ -48,6 +48,7 @@ from ._errors import (
     TaskNotFoundError,
     ThrottledError,
     TransportError,
+    UnreachableError,
 )
 from ._models import Task
 from ._profiles import RepeatedExternalId
@@ -68,7 +69,16 @@ __all__ = [
 
 log = logging.getLogger("kling_async")
 
-_DUPLICATE = re.compile(r"(?i)external[\s_-]*task[\s_-]*id|duplicat|already\s+(?:exist|used)")
+#: What a refusal of a repeated id says ("already exists", "duplicate", "must be unique"). A
+#: message that merely names the field (a length rule, an echoed body) is not one.
+_DUPLICATE = re.compile(
+    r"(?i)already\s+(?:exists?|used|taken|in\s+use|been\s+used)|duplicat|not\s+unique"
+    r"|must\s+be\s+unique"
+)
+#: A task the server said exists is looked for this many retry timeouts at most, then the job
+#: ends ambiguous (its id kept: a later run resumes it): a refusal misread as "exists" must
+#: not leave a job waiting forever.
+_LANDED_PATIENCE = 10
 _FIRST_PAUSE = 0.05
 
 
@@ -137,11 +147,19 @@ class CreateState:
     resent: bool = False
     proven: bool = False
     possible_duplicate: bool = False
+    #: Calls of :func:`create_task` so far (the engine's rounds): every call after the first
+    #: retries a failure, so its first request is paid from the retry budget.
+    rounds: int = 0
+
+    #: The unsettled outcome is an earlier run's, not one seen here.
+    resumed: bool = False
 
     @classmethod
-    def resumed(cls, external_task_id: str) -> CreateState:
+    def from_earlier_run(cls, external_task_id: str) -> CreateState:
         """A create an earlier run may already have sent."""
-        return cls(external_task_id, unsettled=AmbiguousSubmissionError(external_task_id))
+        return cls(
+            external_task_id, unsettled=AmbiguousSubmissionError(external_task_id), resumed=True
+        )
 
 
 class LandedUnseen(KlingError):
@@ -204,14 +222,27 @@ async def _settle(
         pause = min(pause * 2, 2.0)
 
 
-async def find_landed(api: Api, lookups: Lookups | None, state: CreateState, cap: float) -> Task:
-    """Look up a task the server said exists until it shows, with backoff up to ``cap``
-    seconds between looks. Never sends a create. Ends only with the task, or with an error
-    that makes looking pointless (lookups do not work here, or the account was refused)."""
+async def find_landed(
+    api: Api, lookups: Lookups | None, state: CreateState, retry: RetryPolicy
+) -> Task:
+    """Look up a task the server said exists until it shows, with backoff up to
+    ``retry.maximum`` seconds between looks. Never sends a create. Ends with the task, or with
+    an error that makes looking pointless (lookups do not work here, the account was refused,
+    the host is unreachable), or after ``_LANDED_PATIENCE`` retry timeouts with
+    :class:`AmbiguousSubmissionError`, its id kept for a later lookup."""
     external_task_id = state.external_task_id
     pause = _FIRST_PAUSE
     looks = 0
+    give_up_at = time.monotonic() + _LANDED_PATIENCE * retry.timeout
     while True:
+        if time.monotonic() >= give_up_at:
+            raise AmbiguousSubmissionError(
+                external_task_id,
+                KlingError(
+                    f"the server said a task with this external_task_id exists, and {looks} "
+                    "lookups never found it"
+                ),
+            )
         if lookups is None or not await lookups.usable():
             raise AmbiguousSubmissionError(
                 external_task_id,
@@ -225,7 +256,7 @@ async def find_landed(api: Api, lookups: Lookups | None, state: CreateState, cap
             task = await lookups.find(external_task_id)
         except TaskNotFoundError:
             pass
-        except (AuthenticationError, AccountError):
+        except (AuthenticationError, AccountError, UnreachableError):
             raise
         except KlingError as exc:
             log.debug("looking up external_task_id=%s failed (%s)", external_task_id, exc)
@@ -246,7 +277,7 @@ async def find_landed(api: Api, lookups: Lookups | None, state: CreateState, cap
                 looks,
             )
         await anyio.sleep(api.rng.uniform(pause / 2, pause))
-        pause = min(pause * 2, cap)
+        pause = min(pause * 2, retry.maximum)
 
 
 async def create_task(
@@ -262,19 +293,23 @@ async def create_task(
     """POST ``body`` until one task exists for ``state.external_task_id``; return it.
 
     An unsettled ``state`` (a resumed job, or an earlier round that ended ambiguous) is
-    looked up first, and a POST follows only if the task is not found.
+    looked up first, and a POST follows only if the task is not found. A later round of the
+    same job is a retry: its first request is paid from the retry budget like any other
+    (a resumed job's first round is a new request: an earlier run sent the last one).
     """
     retry = settings.retry
     deadline = time.monotonic() + retry.timeout
     external_task_id = state.external_task_id
     attempt = 0
+    state.rounds += 1
+    first_round = state.rounds == 1
     if state.unsettled is not None:
         # The earlier call ended a while ago: one look is enough before deciding to POST.
-        found = await _settle(api, lookups, state, 0.0, first_offered=True)
+        found = await _settle(api, lookups, state, 0.0, first_offered=first_round)
         if found is not None:
             state.unsettled = None
             return found
-    else:
+    elif first_round:
         api.offered()
     while True:
         attempt += 1
@@ -301,7 +336,7 @@ async def create_task(
                 )
                 if settings.hand_off_landed:
                     raise LandedUnseen(state) from None
-                return await find_landed(api, lookups, state, retry.maximum)
+                return await find_landed(api, lookups, state, retry)
             if state.unsettled is not None:
                 found = await _settle(api, lookups, state, 0.0)
                 if found is not None:
@@ -326,10 +361,12 @@ async def create_task(
                 task = attrs.evolve(task, external_task_id=external_task_id)
             if state.resent and not facts.resend_is_safe:
                 state.possible_duplicate = True
-                log.warning(
-                    "create for external_task_id=%s was sent again after an unsettled "
-                    "outcome and the backend may accept repeated ids: task %s may be a "
-                    "second task for it",
+                # A resumed job is flagged because its earlier run may have sent it: routine
+                # after a crash, so said quietly; an unsettled outcome seen here is news.
+                log.log(
+                    logging.INFO if state.resumed else logging.WARNING,
+                    "create for external_task_id=%s was sent after an unsettled outcome and "
+                    "the backend may accept repeated ids: task %s may be a second task for it",
                     external_task_id,
                     task.task_id,
                 )

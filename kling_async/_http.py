@@ -310,6 +310,11 @@ class HttpTransport:
             response = await self._file_session(policy).get(
                 target, allow_redirects=False, headers={"Accept": "*/*"}, timeout=timeout
             )
+        except aiohttp.InvalidURL as exc:
+            # A verdict on the URL itself (e.g. a host no resolver may be asked): no retry.
+            failure = DownloadError(
+                f"refusing to download {shown}: not a usable URL ({describe(exc)})", url=shown
+            )
         except _CONNECT_ERRORS as exc:
             refused = _refusal(exc)
             if refused is not None:

@@ -36,6 +36,7 @@ from ._create import (
 from ._errors import (
     InvalidRequestError,
     KlingError,
+    ResponseDecodeError,
     TaskFailedError,
     TaskNotFoundError,
     ValidationError,
@@ -70,11 +71,18 @@ def _check_page(name: str, value: object, high: int) -> int:
     return value
 
 
+class IgnoredLookupError(ResponseDecodeError):
+    """A lookup by ``external_task_id`` was answered with a list page, or with another task: the
+    backend may ignore the parameter, so the answer says nothing about our task. Never read as
+    "not found" (that would re-send a create that may have landed)."""
+
+
 def _pick_external(data: Any, external_task_id: str, redact: Redact) -> Task:
     """Accept a task object or an array; adopt only a task that carries our id.
 
-    A server that ignored the lookup parameter and answered with some other task (or a
-    page of the list) must never make us adopt the wrong task.
+    A server that ignored the lookup parameter and answered with some other task (or a page
+    of the list) must never make us adopt the wrong task, nor conclude that ours does not
+    exist: only the server's own "not found" answer (:class:`TaskNotFoundError`) means that.
     """
     candidates = (
         structure_task_list(data, redact=redact)
@@ -89,9 +97,10 @@ def _pick_external(data: Any, external_task_id: str, redact: Redact) -> Task:
         if task.external_task_id is None:
             # Older bodies omit task_info; the server looked up what we asked for.
             return attrs.evolve(task, external_task_id=external_task_id)
-    raise TaskNotFoundError(
-        f"no task with external_task_id={external_task_id!r}",
-        code=None,
+    what = f"a list of {len(candidates)} tasks" if isinstance(data, list) else "another task"
+    raise IgnoredLookupError(
+        f"the lookup of external_task_id={external_task_id!r} was answered with {what}: the "
+        "backend may not support lookups by external_task_id in this form",
         http_status=200,
     )
 
@@ -158,7 +167,7 @@ class ExternalIdLookups:
             except TaskNotFoundError:
                 refused = False
                 continue
-            except InvalidRequestError:
+            except (InvalidRequestError, IgnoredLookupError):
                 continue
             except KlingError:
                 return True  # the server is failing: inconclusive, keep the form
@@ -279,7 +288,7 @@ class TaskResource:
     async def find_landed(self, state: CreateState) -> Task:
         """The task of a create the server said exists, once lookups show it (see ``_create``)."""
         lookups = self.lookups if self.lookups.configured else None
-        task = await find_landed(self._api, lookups, state, self._create_settings.retry.maximum)
+        task = await find_landed(self._api, lookups, state, self._create_settings.retry)
         self.lookups.remember(task)
         return task
 

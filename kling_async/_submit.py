@@ -4,8 +4,9 @@ Kling counts parallel tasks per account and answers 1303 past the limit, creatin
 The limit is not published (it depends on the resource pack), so :class:`AdaptiveLimit` learns
 it: a 1303 lowers the limit to the tasks we hold, and the submitter then waits for one of them
 to end. Sustained success at the limit probes one slot higher: a refused probe doubles the
-successes required before the next (up to a cap, so a cap that rises is still found), so a
-fixed limit costs only a logarithmic number of 1303s; an accepted probe is followed by the next
+successes required before the next (up to 256, and at least one probe every ``probe_period``
+seconds, so a cap that rises late is still found), so a fixed limit costs only a logarithmic
+number of 1303s; an accepted probe is followed by the next
 one after a single success, so a raised cap is climbed a slot per finished task rather than a
 slot per several. (Probing by more than a slot at a time would cost a burst of 1303s whenever
 a probe is accepted only because a task ended unnoticed.)
@@ -65,8 +66,12 @@ class AdaptiveLimit:
     :meth:`on_landed` (the task exists, not seen yet: the slot stays held).
     """
 
-    def __init__(self, ceiling: int | None) -> None:
+    def __init__(self, ceiling: int | None, *, probe_period: float = 1200.0) -> None:
         self.ceiling: float = math.inf if ceiling is None else ceiling
+        #: However many successes the next probe waits for, one goes out at least this often
+        #: (seconds) while demand presses on the limit, so a cap raised late is found.
+        self.probe_period = probe_period
+        self._last_probe = time.monotonic()
         self.limit: float = self.ceiling
         self.active = 0
         self.in_flight = 0  # creates sent and not answered yet
@@ -139,8 +144,10 @@ class AdaptiveLimit:
         if self.active < self.limit or self.limit >= self.ceiling:
             return
         self._successes += 1
-        if self._successes >= (1 if self._climbing else self._probe_after):
+        due = self._successes >= (1 if self._climbing else self._probe_after)
+        if due or time.monotonic() - self._last_probe >= self.probe_period:
             self._successes = 0
+            self._last_probe = time.monotonic()
             self._probe_from = self.limit
             self.limit = min(self.ceiling, self.limit + 1)
             self._notify()
@@ -226,7 +233,7 @@ class Submitter:
             return
         assert job.external_task_id is not None
         self._states[job] = (
-            CreateState.resumed(job.external_task_id)
+            CreateState.from_earlier_run(job.external_task_id)
             if resume
             else CreateState(job.external_task_id)
         )
@@ -342,7 +349,10 @@ class Submitter:
     async def _find(self, job: Job, state: CreateState, sent_at: float) -> None:
         try:
             task = await self._resource.find_landed(state)
-        except KlingError as exc:
+        except Exception as exc:
+            # Its slot is given up with it; a bug ends this job only, loudly.
+            if not isinstance(exc, KlingError):
+                log.exception("looking for a created task failed unexpectedly")
             self.limit.release()
             self._reject(job, exc)
             return

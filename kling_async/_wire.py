@@ -125,9 +125,16 @@ def structure_task(data: Any, *, http_status: int = 200, redact: Redact = no_red
     ``redact`` cleans the snippet of the answer the error quotes (it came from the server).
     """
     try:
-        return converter.structure(data, Task)
+        task: Task = converter.structure(data, Task)
     except (TypeError, ValueError, KeyError, cattrs.BaseValidationError) as exc:
         reason = redact(str(exc))
+    else:
+        if task.status_message and redact is not no_redaction:
+            # The failure reason is server text that ends up in TaskFailedError and journals.
+            cleaned = redact(task.status_message)
+            if cleaned != task.status_message:
+                task = attrs.evolve(task, status_message=cleaned)
+        return task
     # Raised outside the handler: the structuring error is not worth a chain.
     raise ResponseDecodeError(
         f"the answer's data is not a task: {reason}",

@@ -19,7 +19,17 @@ from typing import Literal, Self
 import anyio
 from aiohttp import web
 
-ApiMode = Literal["kling_400", "kling_401", "html_500", "cometapi_500", "not_a_task", "task"]
+ApiMode = Literal[
+    "kling_400",
+    "kling_401",
+    "html_500",
+    "cometapi_500",
+    "not_a_task",
+    "failed_task",
+    "ignores_lookups",
+    "id_rule_400",
+    "task",
+]
 
 #: A tiny, valid-looking MP4 head: an ``ftyp`` box, then an ``mdat`` box of filler.
 MP4_BYTES = (
@@ -113,16 +123,42 @@ class HostileServer:
         if mode == "not_a_task":
             body = {"code": 0, "message": "SUCCEED", "data": {"echo": echoed}}
             return web.json_response(body)
-        task = {
-            "task_id": request.match_info.get("task_id", "100000000000000001"),
-            "task_status": "succeed",
-            "task_status_msg": "",
+        if mode == "ignores_lookups":
+            # Creates fail with a 5xx (their outcome unknown); every GET gets a list page of
+            # someone else's task, whatever was asked (a gateway ignoring ?external_task_id=).
+            self.hits["api_" + request.method] += 1
+            if request.method == "POST":
+                body = {"code": 5000, "message": "Internal server error", "request_id": "r"}
+                return web.json_response(body, status=500)
+            other = self._task("100000000000000009", "succeed", "")
+            other["task_info"] = {"external_task_id": "someone-else"}
+            return web.json_response({"code": 0, "message": "SUCCEED", "data": [other]})
+        if mode == "id_rule_400":
+            # A refusal that names the field without saying it is taken; lookups find nothing.
+            self.hits["api_" + request.method] += 1
+            if request.method == "POST":
+                message = "external_task_id is invalid: at most 32 characters"
+            else:
+                message = "Task not found"
+            body = {"code": 1201, "message": message, "request_id": "r"}
+            return web.json_response(body, status=400)
+        if mode == "failed_task":
+            task = self._task(request.match_info.get("task_id", "1"), "failed", echoed)
+            return web.json_response({"code": 0, "message": "SUCCEED", "data": task})
+        task = self._task(request.match_info.get("task_id", "100000000000000001"), "succeed", "")
+        return web.json_response({"code": 0, "message": "SUCCEED", "data": task})
+
+    def _task(self, task_id: str, status: str, message: str) -> dict[str, object]:
+        videos = [{"id": "v1", "url": self.task_url, "duration": "5.0"}]
+        return {
+            "task_id": task_id,
+            "task_status": status,
+            "task_status_msg": message,
             "task_info": {},
-            "task_result": {"videos": [{"id": "v1", "url": self.task_url, "duration": "5.0"}]},
+            "task_result": {"videos": videos} if status == "succeed" else {},
             "created_at": 1774711071284,
             "updated_at": 1774711071284,
         }
-        return web.json_response({"code": 0, "message": "SUCCEED", "data": task})
 
     # --- a hostile file host ----------------------------------------------------------------
 

@@ -9,12 +9,13 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import attrs
 import pytest
 
 import kling_async as ka
 from kling_async.testing import Emulator, FaultKind, Faults
 
-from .conftest import SCALE, client_for
+from .conftest import FAST_RETRY, SCALE, client_for
 
 pytestmark = pytest.mark.anyio
 
@@ -58,12 +59,21 @@ async def test_jobs_run_to_completion_and_report_progress(emu: Emulator) -> None
         assert seen[job][-1] is ka.JobStatus.SUCCEEDED
 
 
-@pytest.mark.parametrize("rate", [0.05, 0.1])
-async def test_fault_storm_leaves_exactly_one_task_per_job(rate: float) -> None:
-    """Each of the six fault kinds at `rate` (so 30% or 60% of all requests fail somehow)."""
+@pytest.mark.parametrize(
+    ("rate", "budget"), [(0.05, 0.2), (0.1, None)], ids=["30%-budgeted", "60%-unbudgeted"]
+)
+async def test_fault_storm_leaves_exactly_one_task_per_job(
+    rate: float, budget: float | None
+) -> None:
+    """Each of the six fault kinds at `rate` (so 30% or 60% of all requests fail somehow).
+
+    At 30% the default retry budget pays for every retry the storm needs; at 60% it would
+    rightly stop some (see test_under_a_storm_the_budget_ends_some_jobs_honestly), so that
+    run turns it off to show that retries alone never duplicate a task."""
     faults = Faults.storm(rate, stall_seconds=1.0)
+    retry = attrs.evolve(FAST_RETRY, budget_ratio=budget)
     async with Emulator(time_scale=SCALE, seed=int(rate * 100), faults=faults) as emu:
-        async with client_for(emu, timeout=0.3, max_active_tasks=10) as kling:
+        async with client_for(emu, timeout=0.3, max_active_tasks=10, retry=retry) as kling:
             jobs = kling.submit_many(requests(60))
             await finish(kling, jobs, 120)
         assert sum(emu.stats.faults_injected.values()) > 30
@@ -72,6 +82,25 @@ async def test_fault_storm_leaves_exactly_one_task_per_job(rate: float) -> None:
         created = emu.stats.created_per_external_id
         assert {job.external_task_id: 1 for job in jobs} == created
         assert {job.task_id for job in jobs} == set(emu.tasks)
+
+
+async def test_under_a_storm_the_budget_ends_some_jobs_honestly() -> None:
+    """60% of requests fail: more than a 20% retry budget pays for. Some jobs end ambiguous,
+    with their id; none is created twice; every job ends."""
+    faults = Faults.storm(0.1, stall_seconds=1.0)
+    retry = attrs.evolve(FAST_RETRY, timeout=2.0)
+    async with Emulator(time_scale=SCALE, seed=10, faults=faults) as emu:
+        async with client_for(emu, timeout=0.3, max_active_tasks=10, retry=retry) as kling:
+            jobs = kling.submit_many(requests(30))
+            await finish(kling, jobs, 120)
+            assert kling.stats.retries_refused > 0
+    created = emu.stats.created_per_external_id
+    assert set(created.values()) <= {1}
+    for job in jobs:
+        assert job.done
+        if job.status is not ka.JobStatus.SUCCEEDED:
+            assert job.external_task_id is not None
+            assert isinstance(job.error, ka.KlingError)
 
 
 async def test_extreme_storm_may_leave_jobs_ambiguous_but_never_duplicates() -> None:

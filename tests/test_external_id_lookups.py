@@ -161,3 +161,49 @@ async def test_strict_auth_pairs_bearer_keys_with_kling_and_jwts_with_v1() -> No
                 assert isinstance(job.error, ka.AuthenticationError)
         assert emu.stats.tasks_created == created
         assert emu.stats.requests_per_route["create"] == posts + 4  # never retried
+
+
+async def test_a_lookup_answered_with_a_list_page_proves_nothing() -> None:
+    """A gateway that ignores ?external_task_id= and answers with a page of the list: the
+    page lacks our task, which must not be read as "never created" (a re-POST could bill
+    twice). The create ends ambiguous after one POST."""
+    from tests.hostile import HostileServer
+
+    async with HostileServer(api_mode="ignores_lookups") as hostile:
+        async with ka.KlingClient(
+            api_key="sk-test",
+            base_url=hostile.url,
+            retry=ka.RetryPolicy(attempts=3, timeout=2, initial=0.01, maximum=0.02),
+            settle_window=0.1,
+        ) as kling:
+            with anyio.fail_after(20), pytest.raises(ka.AmbiguousSubmissionError) as info:
+                await kling.text2video.create(
+                    ka.Text2VideoRequest(prompt="p", external_task_id="mine-1")
+                )
+            with pytest.raises(ka.ResponseDecodeError, match="may not support lookups"):
+                await kling.text2video.get(external_task_id="mine-1")
+    assert info.value.external_task_id == "mine-1"
+    assert hostile.hits["api_POST"] == 1
+
+
+async def test_a_refusal_that_only_names_the_field_is_no_proof_of_a_task() -> None:
+    """A resumed create refused with "external_task_id is invalid: ..." does not mean the
+    task exists: the job ends (ambiguous, its id kept) instead of looking for it forever."""
+    from tests.hostile import HostileServer
+
+    async with HostileServer(api_mode="id_rule_400") as hostile:
+        async with ka.KlingClient(
+            api_key="sk-test",
+            base_url=hostile.url,
+            retry=ka.RetryPolicy(attempts=3, timeout=0.5, initial=0.01, maximum=0.02),
+            settle_window=0.05,
+        ) as kling:
+            job = kling.submit(
+                ka.Text2VideoRequest(prompt="p", external_task_id="mine-2"), resume=True
+            )
+            with anyio.fail_after(20):
+                async for _ in kling.as_completed([job]):
+                    pass
+    assert isinstance(job.error, ka.AmbiguousSubmissionError | ka.InvalidRequestError)
+    assert job.external_task_id == "mine-2"
+    assert job.task_id is None

@@ -49,7 +49,8 @@ CREDENTIALS: list[dict[str, str]] = [
 
 @pytest.mark.parametrize("credentials", CREDENTIALS, ids=["bearer", "jwt"])
 @pytest.mark.parametrize(
-    "mode", ["kling_400", "kling_401", "html_500", "cometapi_500", "not_a_task", "garbage"]
+    "mode",
+    ["kling_400", "kling_401", "html_500", "cometapi_500", "not_a_task", "failed_task", "garbage"],
 )
 async def test_echoed_credentials_never_reach_an_exception_chain_or_a_log(
     credentials: dict[str, str], mode: str, caplog: pytest.LogCaptureFixture
@@ -61,14 +62,18 @@ async def test_echoed_credentials_never_reach_an_exception_chain_or_a_log(
         base_url = garbage.url if mode == "garbage" else hostile.url
         async with ka.KlingClient(
             base_url=base_url,
-            retry=ka.RetryPolicy(attempts=2, timeout=5, initial=0.01, maximum=0.02),
+            retry=ka.RetryPolicy(attempts=2, timeout=1, initial=0.01, maximum=0.02),
             timeout=2.0,
             settle_window=0.05,
             **credentials,  # type: ignore[arg-type]
         ) as kling:
             token = kling._auth.header().removeprefix("Bearer ")
             calls: list[Callable[[], Awaitable[Any]]] = [
-                lambda: kling.text2video.get("123"),
+                lambda: (
+                    kling.text2video.wait("123", timeout=1)
+                    if mode == "failed_task"
+                    else kling.text2video.get("123")
+                ),
                 lambda: kling.text2video.get(external_task_id="job-1"),
                 lambda: kling.text2video.create(ka.Text2VideoRequest(prompt="p")),
                 lambda: kling.text2video.list(),
@@ -83,9 +88,18 @@ async def test_echoed_credentials_never_reach_an_exception_chain_or_a_log(
                 await job.wait()
             except ka.KlingError as exc:
                 raised.append(exc)
+            if mode == "failed_task":
+                tracked = kling.track("456")
+                try:
+                    await tracked.wait()
+                except ka.TaskFailedError as exc:
+                    raised.append(exc)
         reached = garbage.connections if mode == "garbage" else hostile.hits["api"]
     assert reached > 0, "the hostile server was never asked"
-    assert len(raised) == 5
+    # Against a failed task the waits and the external-id lookup raise; create and list pass.
+    assert len(raised) == (4 if mode == "failed_task" else 5)
+    if mode == "failed_task":
+        assert any(isinstance(exc, ka.TaskFailedError) for exc in raised)
     secrets = [*credentials.values(), token]
     texts = [text for exc in raised for text in texts_of(exc)]
     texts += [record.getMessage() for record in caplog.records]
@@ -94,7 +108,7 @@ async def test_echoed_credentials_never_reach_an_exception_chain_or_a_log(
         for text in texts:
             assert secret not in text
     # What the server echoed is still visible, with the secret cut out.
-    if mode in ("kling_400", "kling_401"):
+    if mode in ("kling_400", "kling_401", "failed_task"):
         assert any("Bearer ***" in text for text in texts)
 
 
