@@ -8,6 +8,7 @@ of ``tests/hostile.py`` (run it from the repository root):
 - ``hardening_wait``: ``wait(timeout=T)`` on a task that ends after 1 s, default poll policy.
 - ``hardening_outage``: offered reads against a server that fails every request with 5xx:
   attempts per offered request, and seconds until reads succeed again after recovery.
+- ``hardening_outage_engine``: jobs submitted into the same outage: attempts in all.
 - ``hardening_limit_climb``: seconds for the learned slot limit to reach a cap raised from 2 to 10.
 - ``hardening_download``: what a download does with hostile answers (trickle, HTML, JSON, not MP4).
 - ``hardening_ssrf``: hostile result URLs: how many were connected to, and how many saved.
@@ -142,6 +143,34 @@ async def outage() -> None:
         bound=1.2 * offered + 3,
         failed=failed,
         seconds_back_after_recovery=back,
+    )
+
+
+async def outage_engine() -> None:
+    """The same outage met by jobs of the engine: rounds after the first are retries too."""
+    jobs_offered = 10
+    faults = Faults(
+        create={FaultKind.ERROR_5XX_BEFORE_COMMIT: 1.0},
+        query={FaultKind.ERROR_5XX_BEFORE_COMMIT: 1.0},
+    )
+    retry = ka.RetryPolicy(attempts=6, timeout=2.0, initial=0.01, maximum=0.1)
+    async with Emulator(time_scale=SCALE, seed=3, faults=faults) as emu:
+        async with _client(emu, retry=retry) as kling:
+            jobs = kling.submit_many(
+                ka.Text2VideoRequest(prompt=f"p{i}") for i in range(jobs_offered)
+            )
+            with anyio.fail_after(300):
+                async for _job in kling.as_completed(jobs):
+                    pass
+        routes = emu.stats.requests_per_route
+        attempts = routes["create"] + routes["get_by_external_id"] + routes["get"]
+    _line(
+        "hardening_outage_engine",
+        jobs=jobs_offered,
+        attempts=attempts,
+        bound=1.2 * jobs_offered + 3,
+        ended_with_error=sum(job.error is not None for job in jobs),
+        tasks_created=emu.stats.tasks_created,
     )
 
 
@@ -348,6 +377,7 @@ CASES: dict[str, Callable[[], Any]] = {
     "resume": resume_full_account,
     "wait": wait_deadline,
     "outage": outage,
+    "outage_engine": outage_engine,
     "limit_climb": limit_climb,
     "download": downloads,
     "ssrf": ssrf,
