@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -50,17 +49,10 @@ def _line(name: str, **values: Any) -> None:
 
 
 def _client(emu: Emulator, **overrides: Any) -> ka.KlingClient:
-    settings: dict[str, Any] = {
-        "api_key": emu.api_key,
-        "base_url": emu.url,
-        "poll": ka.PollPolicy().scaled(SCALE),
-        "retry": FAST_RETRY,
-        "settle_window": 0.2,
-        "timeout": 2.0,
-        "max_requests_per_second": None,
-    }
-    settings.update(overrides)
-    return ka.KlingClient(**settings)
+    """The test suite's client for a scaled emulator, with the benchmark's retry policy."""
+    from tests.conftest import client_for
+
+    return client_for(emu, **{"retry": FAST_RETRY, **overrides})
 
 
 async def resume_full_account() -> None:
@@ -279,23 +271,10 @@ async def ssrf() -> None:
                     )
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if any(current is s for s in seen):
-            continue
-        seen.append(current)
-        stack += [e for e in (current.__cause__, current.__context__) if e is not None]
-    return seen
-
-
 def _leaks(exc: BaseException, secrets: list[str]) -> int:
-    texts = ["".join(traceback.format_exception(exc))]
-    for link in _chain(exc):
-        texts += [str(link), repr(link), repr(link.args)]
-    return sum(secret in text for text in texts for secret in secrets)
+    from tests.hostile import texts_of
+
+    return sum(secret in text for text in texts_of(exc) for secret in secrets)
 
 
 async def secret_chains() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import traceback
 from collections import Counter
 from types import TracebackType
 from typing import Literal, Self
@@ -249,3 +250,27 @@ class GarbageHTTPServer:
             pass
         finally:
             writer.close()
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception reachable from it: causes, contexts, group members."""
+    seen: list[BaseException] = []
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if any(current is known for known in seen):
+            continue
+        seen.append(current)
+        stack += [link for link in (current.__cause__, current.__context__) if link is not None]
+        if isinstance(current, BaseExceptionGroup):
+            stack += list(current.exceptions)
+    return seen
+
+
+def texts_of(exc: BaseException) -> list[str]:
+    """Every text an exception can end up as: its formatted traceback, and the str, repr,
+    arguments and attributes of each exception in its chain."""
+    texts = ["".join(traceback.format_exception(exc))]
+    for link in exception_chain(exc):
+        texts += [str(link), repr(link), repr(link.args), repr(vars(link))]
+    return texts

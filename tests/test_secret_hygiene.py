@@ -4,41 +4,19 @@ or log lines, against servers that echo the request's headers back into their an
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 import kling_async as ka
-from tests.hostile import GarbageHTTPServer, HostileServer
+from tests.hostile import GarbageHTTPServer, HostileServer, texts_of
 
 pytestmark = pytest.mark.anyio
 
 KEY = "sk-canary-2f7d1c9e4b6a8053"
 ACCESS = "ak-canary-71c3e9"
 SECRET = "secret-canary-9d2b4f6e8a0c1357-0123456789abcdef"
-
-
-def chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if any(current is known for known in seen):
-            continue
-        seen.append(current)
-        stack += [link for link in (current.__cause__, current.__context__) if link is not None]
-        if isinstance(current, BaseExceptionGroup):
-            stack += list(current.exceptions)
-    return seen
-
-
-def texts_of(exc: BaseException) -> list[str]:
-    texts = ["".join(traceback.format_exception(exc))]
-    for link in chain(exc):
-        texts += [str(link), repr(link), repr(link.args), repr(vars(link))]
-    return texts
 
 
 CREDENTIALS: list[dict[str, str]] = [
