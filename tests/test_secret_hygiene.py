@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kling_async as ka
 from tests.hostile import GarbageHTTPServer, HostileServer, texts_of
@@ -100,3 +102,65 @@ def test_the_redactor_cleans_known_secrets_and_any_bearer_token() -> None:
     secrets.append("fresh-token-1234")
     assert redact("got fresh-token-1234") == "got ***"
     assert redact("abc") == "abc"
+
+
+SECRETS = ("sk-canary-echoed-4c1d", "eyJhbGciOiJIUzI1NiJ9.e30.canarysig")
+_leafs = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
+    st.sampled_from([*SECRETS, f"Bearer {SECRETS[0]}", f"token={SECRETS[1]};"]),
+)
+_json = st.recursive(
+    _leafs,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+_echoes = st.sampled_from([*SECRETS, f"Bearer {SECRETS[0]}", f"x {SECRETS[1]} y"])
+_task_shaped = st.fixed_dictionaries(
+    {"task_id": st.text(min_size=1, max_size=8) | _json, "task_status_msg": _echoes | _json},
+    optional={
+        "task_status": st.sampled_from(["submitted", "processing", "succeed", "failed"]) | _json,
+        "task_info": _json,
+        "task_result": _json,
+        "created_at": _json,
+        "updated_at": _json,
+        "final_unit_deduction": _json,
+    },
+)
+
+
+@given(_task_shaped)
+def test_task_shaped_bodies_become_tasks_or_typed_errors_with_no_secret(body: Any) -> None:
+    """Callback-shaped and query-shaped task objects from a hostile server, secrets planted
+    anywhere: a Task whose failure reason is clean, or a ResponseDecodeError that is."""
+    from kling_async._errors import Redactor
+    from kling_async._wire import structure_task
+
+    redact = Redactor(lambda: SECRETS)
+    try:
+        task = structure_task(body, redact=redact)
+    except ka.ResponseDecodeError as exc:
+        texts = texts_of(exc)
+    else:
+        texts = [task.status_message, str(ka.TaskFailedError(task))]
+    for secret in SECRETS:
+        assert all(secret not in text for text in texts)
+
+
+@given(st.integers(100, 599), _json)
+def test_error_envelopes_never_carry_an_echoed_secret(status: int, body: Any) -> None:
+    import json
+
+    from kling_async._errors import Redactor
+    from kling_async._wire import decode_envelope
+
+    redact = Redactor(lambda: SECRETS)
+    raw = json.dumps({"code": 1201, "message": body, "request_id": body, "error": body}).encode()
+    try:
+        decode_envelope(status, raw, redact=redact)
+    except ka.KlingError as exc:
+        for secret in SECRETS:
+            assert all(secret not in text for text in texts_of(exc))
