@@ -30,6 +30,7 @@ from ._errors import (
     ServerError,
     ThrottledError,
     TransportError,
+    UnreachableError,
 )
 from ._health import Health
 from ._http import HttpTransport, RawResponse
@@ -178,29 +179,44 @@ class Api:
             except KlingError as exc:
                 if not is_retryable_read_error(exc):
                     raise
-                unreachable = self.health.unreachable()
-                if (
-                    unreachable is not None
-                    and isinstance(exc, TransportError)
-                    and not exc.request_sent
-                ):
+                unreachable = self.unreachable_for(exc)
+                if unreachable is not None:
                     raise unreachable from None
-                delay = self.retry.delay(
-                    attempt,
-                    rng=self.rng,
-                    retry_after=getattr(exc, "retry_after", None),
-                    throttled=isinstance(exc, RateLimitError),
-                )
-                verdict_in = self.health.until_verdict()
-                if verdict_in is not None:
-                    delay = min(delay, verdict_in)  # look again when the verdict would fall
-                if attempt >= self.retry.attempts or time.monotonic() + delay > deadline:
+                if not await self.back_off(exc, attempt, deadline):
                     raise
-                started = time.monotonic()
-                room = min(max(delay, self.retry.remaining(attempt)), deadline - started)
-                if verdict_in is not None:
-                    room = min(room, verdict_in)
-                if not await self.may_retry(exc, wait=room):
-                    raise
-                log.debug("GET %s failed (%s); retry %d in %.2fs", path, exc, attempt, delay)
-                await anyio.sleep(max(0.0, delay - (time.monotonic() - started)))
+                log.debug("GET %s failed (%s); retry %d", path, exc, attempt)
+
+    def unreachable_for(self, failure: BaseException) -> UnreachableError | None:
+        """The verdict to end a call with, if ``failure`` could not connect and the host has
+        been unreachable long enough."""
+        if isinstance(failure, TransportError) and not failure.request_sent:
+            return self.health.unreachable()
+        return None
+
+    async def back_off(self, failure: BaseException, attempt: int, deadline: float) -> bool:
+        """Wait before retry number ``attempt`` of a call that failed with ``failure``; False,
+        without waiting, when no retry is allowed: the policy's attempts or the call's
+        ``deadline`` (monotonic) are spent, or the retry budget has no room in time.
+
+        The one back-off of every retrying call (reads, creates): full-jitter delays, the
+        server's Retry-After, 1302's minimum, and a look again when the unreachable verdict
+        would fall. A retry waits for budget no longer than its remaining schedule would.
+        """
+        delay = self.retry.delay(
+            attempt,
+            rng=self.rng,
+            retry_after=getattr(failure, "retry_after", None),
+            throttled=isinstance(failure, ThrottledError),
+        )
+        if isinstance(failure, TransportError) and not failure.request_sent:
+            verdict_in = self.health.until_verdict()
+            if verdict_in is not None:
+                delay = min(delay, verdict_in)
+        started = time.monotonic()
+        if attempt >= self.retry.attempts or started + delay > deadline:
+            return False
+        room = min(max(delay, self.retry.remaining(attempt)), deadline - started)
+        if not await self.may_retry(failure, wait=room):
+            return False
+        await anyio.sleep(max(0.0, delay - (time.monotonic() - started)))
+        return True

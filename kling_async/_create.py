@@ -385,29 +385,9 @@ async def create_task(
                 state.unsettled = None
                 return found
 
-        not_sent = isinstance(failure, TransportError) and not failure.request_sent
-        unreachable = api.health.unreachable() if not_sent else None
-        delay = retry.delay(
-            attempt,
-            rng=api.rng,
-            retry_after=getattr(failure, "retry_after", None),
-            throttled=isinstance(failure, ThrottledError),
-        )
-        verdict_in = api.health.until_verdict() if not_sent else None
-        if verdict_in is not None:
-            delay = min(delay, verdict_in)
-        started = time.monotonic()
-        patience = min(max(delay, retry.remaining(attempt)), deadline - started)
-        if verdict_in is not None:
-            patience = min(patience, verdict_in)  # waiting for a token must not hide the verdict
-        if (
-            unreachable is not None
-            or attempt >= retry.attempts
-            or started + delay > deadline
-            or not await api.may_retry(failure, wait=patience)
-        ):
+        unreachable = api.unreachable_for(failure)
+        if unreachable is not None or not await api.back_off(failure, attempt, deadline):
             final = unreachable or failure
             if state.unsettled is not None:
                 raise AmbiguousSubmissionError(external_task_id, state.unsettled) from final
             raise final
-        await anyio.sleep(max(0.0, delay - (time.monotonic() - started)))

@@ -275,7 +275,8 @@ class HttpTransport:
         if failure is not None:
             raise failure  # outside the handler, so the aiohttp error is not its __context__
         log.debug("%s %s -> HTTP %s (%d bytes)", method, path, status, len(body))
-        return RawResponse(status, body, request_id and redact(request_id), retry_after)
+        # The request id is server text too; the decoder redacts it if an error quotes it.
+        return RawResponse(status, body, request_id, retry_after)
 
     @asynccontextmanager
     async def stream(

@@ -172,6 +172,17 @@ class AdaptiveLimit:
 
 
 @attrs.define
+class _Pending:
+    """A job on its way to a task: what is known of its creates, and its rounds so far (those
+    that ended ambiguous, since when, and those that could not connect)."""
+
+    state: CreateState
+    ambiguous_rounds: int = 0
+    ambiguous_since: float | None = None
+    unreachable_rounds: int = 0
+
+
+@attrs.define
 class SubmitStats:
     submitted: int = 0
     rejected: int = 0
@@ -214,12 +225,7 @@ class Submitter:
         self._work = anyio.Event()
         self.fatal: BaseException | None = None
         self.stats = SubmitStats()
-        self._states: dict[Job, CreateState] = {}
-        #: Rounds each job has had that ended ambiguous (and when the first did), or could
-        #: not connect.
-        self._rounds: dict[Job, int] = {}
-        self._ambiguous_since: dict[Job, float] = {}
-        self._unreachable_rounds: dict[Job, int] = {}
+        self._pending: dict[Job, _Pending] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
 
     @property
@@ -232,7 +238,7 @@ class Submitter:
             self._reject(job, self.fatal)
             return
         assert job.external_task_id is not None
-        self._states[job] = (
+        self._pending[job] = _Pending(
             CreateState.from_earlier_run(job.external_task_id)
             if resume
             else CreateState(job.external_task_id)
@@ -280,7 +286,8 @@ class Submitter:
 
     async def _submit(self, job: Job) -> None:
         assert job.request is not None
-        state = self._states[job]
+        pending = self._pending[job]
+        state = pending.state
         job._set_status(JobStatus.SUBMITTING)
         sent_at = time.monotonic()
         try:
@@ -297,12 +304,13 @@ class Submitter:
             self._requeue(job)
         except AmbiguousSubmissionError as exc:
             self.limit.on_failure()
-            rounds = self._rounds.get(job, 0) + 1
-            since = self._ambiguous_since.setdefault(job, time.monotonic())
-            patient = rounds < _AMBIGUOUS_ROUNDS or time.monotonic() - since < self._retry.timeout
+            rounds = pending.ambiguous_rounds = pending.ambiguous_rounds + 1
+            if pending.ambiguous_since is None:
+                pending.ambiguous_since = time.monotonic()
+            waited = time.monotonic() - pending.ambiguous_since
+            patient = rounds < _AMBIGUOUS_ROUNDS or waited < self._retry.timeout
             if patient and self._resource.can_look_up:
                 # Not lost, not duplicated: look it up again later, then create if absent.
-                self._rounds[job] = rounds
                 await self._requeue_later(job, self._retry.delay(rounds, rng=self._rng))
                 return
             self._reject(job, exc)
@@ -325,8 +333,8 @@ class Submitter:
             # Provably never sent: nothing was created, so sending it later is safe; the
             # health verdict ends this once the host has been unreachable long enough.
             verdict_in = self._health.until_verdict()
-            rounds = self._unreachable_rounds[job] = self._unreachable_rounds.get(job, 0) + 1
-            delay = self._retry.delay(rounds, rng=self._rng)
+            pending.unreachable_rounds += 1
+            delay = self._retry.delay(pending.unreachable_rounds, rng=self._rng)
             await self._requeue_later(job, delay if verdict_in is None else min(delay, verdict_in))
         except KlingError as exc:
             self.limit.on_failure()
@@ -341,7 +349,7 @@ class Submitter:
             self._created(job, state, task, sent_at)
 
     def _created(self, job: Job, state: CreateState, task: Task, sent_at: float) -> None:
-        self._forget(job)
+        self._pending.pop(job, None)
         job.possible_duplicate = state.possible_duplicate
         self.stats.submitted += 1
         self._on_submitted(job, task, sent_at)
@@ -371,13 +379,7 @@ class Submitter:
         await self._health.wait_recovered(delay)
         self._requeue(job)
 
-    def _forget(self, job: Job) -> None:
-        self._states.pop(job, None)
-        self._rounds.pop(job, None)
-        self._ambiguous_since.pop(job, None)
-        self._unreachable_rounds.pop(job, None)
-
     def _reject(self, job: Job, error: BaseException) -> None:
-        self._forget(job)
+        self._pending.pop(job, None)
         job._fail(error)
         self.stats.rejected += 1

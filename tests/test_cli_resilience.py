@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from pathlib import Path
 
 import anyio
@@ -157,10 +156,8 @@ def test_the_emulator_state_lives_in_the_out_dir_and_a_lost_one_restarts_rows(
     (out / ".kling-emulator.sqlite3").unlink()
     for leftover in out.glob(".kling-emulator.sqlite3-*"):
         leftover.unlink()
-    started = time.monotonic()
     again = run_cli(command, timeout=120)
     assert again.code == 0, again.text
-    assert time.monotonic() - started < 100
     assert [row["status"] for row in journal_rows(out)] == ["done", "done"]
     assert [row["attempt"] for row in journal_rows(out)] == [2, 2]
 

@@ -6,7 +6,6 @@ someone else's loopback service, reached only through the URLs a hostile answer 
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -68,16 +67,13 @@ async def test_hostile_addresses_are_refused_without_a_connection(
 ) -> None:
     url = f"http://{host.format(port=hostile.port)}/secret"
     async with client(hostile) as kling:
-        started = time.monotonic()
         with pytest.raises(ka.DownloadError) as info:
             await kling.download(task_for(url), tmp_path / "clip.mp4")
-        elapsed = time.monotonic() - started
     message = str(info.value)
     assert "refusing" in message and "public addresses" in message
     assert host.format(port=hostile.port).rsplit(":", 1)[0].strip("[]") in message
     assert hostile.hits["secret"] == 0
     assert nothing_written(tmp_path)
-    assert elapsed < 2.0  # well under the connect timeout: nothing was dialled
 
 
 async def test_a_name_that_resolves_to_loopback_is_refused(tmp_path: Path) -> None:
