@@ -417,7 +417,9 @@ async def test_sweeps_page_past_newer_tasks_and_poll_what_they_miss() -> None:
             stats = kling.stats
         assert stats.sweeps >= 1
         assert stats.polls == 3  # the ghost alone, up to the misses allowed
-        assert emu.stats.requests_per_route["list"] - lists_before <= 3 * stats.sweeps
+        # Three pages reach our tasks; one more sweep may have been under way at the snapshot
+        # (sweeps are counted when they end, the emulator counts each page as it is served).
+        assert emu.stats.requests_per_route["list"] - lists_before <= 3 * (stats.sweeps + 1)
 
 
 async def test_sweeps_and_slow_polls_never_release_a_slot_twice() -> None:
