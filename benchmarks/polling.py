@@ -21,7 +21,7 @@ from collections.abc import Callable
 import attrs
 
 import kling_async as ka
-from kling_async._schedule import inspection_schedule
+from kling_async.protocol.schedule import inspection_schedule
 
 from ._harness import EmulatorProcess, TaskTruth
 

@@ -13,10 +13,8 @@ The error tree is documented in :mod:`kling_async._errors`; the emulator for tes
 :mod:`kling_async.testing`.
 """
 
-from ._auth import BearerAuth, JWTAuth
-from ._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, ClientStats, KlingClient
-from ._download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_BYTES, DownloadResult
-from ._errors import (
+from kling_async._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, ClientStats, KlingClient
+from kling_async._errors import (
     AccountError,
     AmbiguousSubmissionError,
     APIError,
@@ -37,8 +35,11 @@ from ._errors import (
     ValidationError,
     WaitTimeoutError,
 )
-from ._jobs import ClientClosedError, Job, JobEvent, JobStatus
-from ._models import (
+from kling_async._version import __version__
+from kling_async.engine.jobs import ClientClosedError, Job, JobEvent, JobStatus
+from kling_async.http.download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_BYTES, DownloadResult
+from kling_async.protocol.auth import BearerAuth, JWTAuth
+from kling_async.protocol.models import (
     CameraConfig,
     CameraControl,
     CameraType,
@@ -48,10 +49,15 @@ from ._models import (
     Text2VideoRequest,
     Video,
 )
-from ._poll import PollPolicy
-from ._profiles import COMETAPI, KNOWN_MODELS, OFFICIAL, BackendProfile, UnknownModelWarning
-from ._retry import RetryPolicy
-from ._version import __version__
+from kling_async.protocol.poll import PollPolicy
+from kling_async.protocol.profiles import (
+    COMETAPI,
+    KNOWN_MODELS,
+    OFFICIAL,
+    BackendProfile,
+    UnknownModelWarning,
+)
+from kling_async.protocol.retry import RetryPolicy
 
 __all__ = [
     # client and settings

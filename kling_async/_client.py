@@ -15,29 +15,29 @@ import anyio
 import anyio.abc
 import attrs
 
-from ._addresses import AddressPolicy
-from ._api import Api
-from ._auth import ENV_BASE_URL, auth_from
-from ._budget import RequestBudget
-from ._create import CreateSettings
-from ._download import (
+from kling_async._errors import KlingError, ValidationError
+from kling_async.engine.jobs import EventHub, Job, JobEvent, as_completed
+from kling_async.engine.limits import AdaptiveLimit, RequestBudget
+from kling_async.engine.pollers import PollerPool
+from kling_async.engine.submitter import Submitter
+from kling_async.http.addresses import AddressPolicy
+from kling_async.http.caller import Api
+from kling_async.http.create import CreateSettings
+from kling_async.http.download import (
     DEFAULT_DOWNLOAD_TIMEOUT,
     DEFAULT_MAX_BYTES,
     DownloadResult,
     check_allowed_hosts,
     download_video,
 )
-from ._errors import KlingError, ValidationError
-from ._health import Health
-from ._http import HttpTransport, Timeouts, redact_url
-from ._jobs import EventHub, Job, JobEvent, as_completed
-from ._models import Task, Text2VideoRequest
-from ._poll import PollPolicy
-from ._pollers import PollerPool
-from ._profiles import COMETAPI, OFFICIAL, BackendProfile, ExternalIdLookup
-from ._resources import Text2VideoResource
-from ._retry import RetryPolicy
-from ._submit import AdaptiveLimit, Submitter
+from kling_async.http.health import Health
+from kling_async.http.resources import Text2VideoResource
+from kling_async.http.transport import HttpTransport, Timeouts, redact_url
+from kling_async.protocol.auth import ENV_BASE_URL, auth_from
+from kling_async.protocol.models import Task, Text2VideoRequest
+from kling_async.protocol.poll import PollPolicy
+from kling_async.protocol.profiles import COMETAPI, OFFICIAL, BackendProfile, ExternalIdLookup
+from kling_async.protocol.retry import RetryPolicy
 
 __all__ = ["COMETAPI_BASE_URL", "OFFICIAL_BASE_URL", "ClientStats", "KlingClient"]
 

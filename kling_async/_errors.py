@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from ._models import Task
+    from kling_async.protocol.models import Task
 
 __all__ = [
     "APIError",

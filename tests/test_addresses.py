@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kling_async._addresses import AddressPolicy, AddressRefused, is_public, parse_ip_literal
+from kling_async.http.addresses import AddressPolicy, AddressRefused, is_public, parse_ip_literal
 
 # An independent oracle: IANA's special-purpose registries and multicast, written out here
 # rather than taken from the module under test.

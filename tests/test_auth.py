@@ -8,7 +8,7 @@ import jwt
 import pytest
 
 import kling_async as ka
-from kling_async._auth import auth_from
+from kling_async.protocol.auth import auth_from
 
 
 def claims(header: str, secret: str) -> dict[str, int | str]:

@@ -214,7 +214,7 @@ async def test_jwt_is_reminted_once_on_expiry(
     the server answers 1004, the client mints a fresh one and the call goes through."""
     import time
 
-    import kling_async._auth as auth_module
+    import kling_async.protocol.auth as auth_module
 
     calls = iter([time.time() - 2000])
     monkeypatch.setattr(auth_module, "wall_clock", lambda: next(calls, time.time()))
@@ -231,7 +231,7 @@ async def test_jwt_refresh_before_expiry_uses_a_new_token(monkeypatch: pytest.Mo
     before the old one expires, so the server never has to answer 1004."""
     import time
 
-    import kling_async._auth as auth_module
+    import kling_async.protocol.auth as auth_module
 
     offset = [0.0]
     monkeypatch.setattr(auth_module, "wall_clock", lambda: time.time() + offset[0])

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kling_async as ka
-from kling_async._models import AXES
-from kling_async._wire import request_body
+from kling_async.protocol.converter import request_body
+from kling_async.protocol.models import AXES
 
 
 def test_minimal_request_sends_only_the_prompt() -> None:

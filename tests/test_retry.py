@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kling_async as ka
-from kling_async._retry import parse_retry_after
+from kling_async.protocol.retry import parse_retry_after
 
 
 @given(st.integers(1, 60), st.integers(0, 2**32))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import kling_async as ka
 from kling_async._errors import api_error_class
-from kling_async._wire import decode_envelope, structure_task, structure_task_list
+from kling_async.protocol.converter import decode_envelope, structure_task, structure_task_list
 
 CREATED = {
     "code": 0,

@@ -23,12 +23,13 @@ from typing import Final, NoReturn
 import anyio
 from rich.console import Console
 
-from .._auth import ENV_API_KEY, ENV_BASE_URL
-from .._client import COMETAPI_BASE_URL
-from .._download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_BYTES
-from .._errors import KlingError
-from .._models import Mode
-from .._version import __version__
+from kling_async._client import COMETAPI_BASE_URL
+from kling_async._errors import KlingError
+from kling_async._version import __version__
+from kling_async.http.download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_BYTES
+from kling_async.protocol.auth import ENV_API_KEY, ENV_BASE_URL
+from kling_async.protocol.models import Mode
+
 from ._display import printable
 from ._files import disk_full_message, is_disk_full
 from ._journal import JOURNAL_NAME, JournalError, journal_path

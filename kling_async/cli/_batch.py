@@ -32,9 +32,8 @@ import anyio
 import anyio.abc
 import attrs
 
-from .._client import KlingClient
-from .._download import DEFAULT_DOWNLOAD_TIMEOUT, PART_SUFFIX
-from .._errors import (
+from kling_async._client import KlingClient
+from kling_async._errors import (
     AccountError,
     AuthenticationError,
     InvalidRequestError,
@@ -43,10 +42,12 @@ from .._errors import (
     TaskNotFoundError,
     UnreachableError,
 )
-from .._jobs import Job, JobEvent, JobStatus
-from .._models import Task
-from .._profiles import UnknownModelWarning
-from .._retry import RetryPolicy
+from kling_async.engine.jobs import Job, JobEvent, JobStatus
+from kling_async.http.download import DEFAULT_DOWNLOAD_TIMEOUT, PART_SUFFIX
+from kling_async.protocol.models import Task
+from kling_async.protocol.profiles import UnknownModelWarning
+from kling_async.protocol.retry import RetryPolicy
+
 from ._files import disk_full_message, is_disk_full
 from ._journal import Journal, JournalError, JournalRow, Preparation
 from ._progress import Reporter

@@ -25,7 +25,7 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from .._download import replace_durably
+from kling_async.http.download import replace_durably
 
 __all__ = [
     "FileError",

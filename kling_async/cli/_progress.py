@@ -36,7 +36,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .._client import ClientStats
+from kling_async._client import ClientStats
+
 from ._display import plain, printable
 from ._rows import GROUPS, Phase, RowState, tally
 

@@ -26,10 +26,10 @@ from typing import Any, Final
 
 import attrs
 
-from .._errors import ValidationError, short_repr
-from .._models import Text2VideoRequest
-from .._profiles import BackendProfile
-from .._wire import request_body
+from kling_async._errors import ValidationError, short_repr
+from kling_async.protocol.converter import request_body
+from kling_async.protocol.models import Text2VideoRequest
+from kling_async.protocol.profiles import BackendProfile
 
 __all__ = [
     "FORMATS",

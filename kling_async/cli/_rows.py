@@ -9,7 +9,8 @@ from collections.abc import Iterable
 
 import attrs
 
-from .._jobs import Job
+from kling_async.engine.jobs import Job
+
 from ._journal import JournalRow
 from ._prompts import PromptRow
 

@@ -25,7 +25,8 @@ import anyio
 import attrs
 from rich.console import Console
 
-from .._errors import KlingError, UnreachableError
+from kling_async._errors import KlingError, UnreachableError
+
 from . import _files
 from ._batch import BatchRunner, remove_stale_parts, verify_done
 from ._display import plain, printable

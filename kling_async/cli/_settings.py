@@ -22,14 +22,15 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from .._auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_BASE_URL, ENV_SECRET_KEY
-from .._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
-from .._download import check_allowed_hosts
-from .._errors import ValidationError
-from .._http import redact_url
-from .._poll import PollPolicy
-from .._profiles import COMETAPI, OFFICIAL, BackendProfile
-from .._retry import RetryPolicy
+from kling_async._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
+from kling_async._errors import ValidationError
+from kling_async.http.download import check_allowed_hosts
+from kling_async.http.transport import redact_url
+from kling_async.protocol.auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_BASE_URL, ENV_SECRET_KEY
+from kling_async.protocol.poll import PollPolicy
+from kling_async.protocol.profiles import COMETAPI, OFFICIAL, BackendProfile
+from kling_async.protocol.retry import RetryPolicy
+
 from ._batch import DownloadSettings
 from ._journal import journal_path
 from ._prompts import Defaults

@@ -24,16 +24,7 @@ from urllib.parse import quote
 import anyio
 import attrs
 
-from ._api import Api
-from ._create import (
-    BackendFacts,
-    CreateSettings,
-    CreateState,
-    create_task,
-    find_landed,
-    new_external_task_id,
-)
-from ._errors import (
+from kling_async._errors import (
     InvalidRequestError,
     KlingError,
     ResponseDecodeError,
@@ -42,11 +33,20 @@ from ._errors import (
     ValidationError,
     WaitTimeoutError,
 )
-from ._models import Task, Text2VideoRequest
-from ._poll import PollPolicy
-from ._profiles import BackendProfile, ExternalIdLookup
-from ._schedule import DurationModel
-from ._wire import Redact, request_body, structure_task, structure_task_list
+from kling_async.http.caller import Api
+from kling_async.http.create import (
+    BackendFacts,
+    CreateSettings,
+    CreateState,
+    create_task,
+    find_landed,
+    new_external_task_id,
+)
+from kling_async.protocol.converter import Redact, request_body, structure_task, structure_task_list
+from kling_async.protocol.models import Task, Text2VideoRequest
+from kling_async.protocol.poll import PollPolicy
+from kling_async.protocol.profiles import BackendProfile, ExternalIdLookup
+from kling_async.protocol.schedule import DurationModel
 
 __all__ = ["ExternalIdLookups", "TaskResource", "Text2VideoResource"]
 

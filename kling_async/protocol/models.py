@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from ._errors import ValidationError, redact_url
+from kling_async._errors import ValidationError, redact_url
 
 __all__ = [
     "AXES",
@@ -276,7 +276,7 @@ _DECLARED = (
 
 @attrs.frozen(kw_only=True)
 class Text2VideoRequest:
-    """One text-to-video job, as you mean it; :mod:`._wire` turns it into Kling's JSON.
+    """One text-to-video job, as you mean it; the converter turns it into Kling's JSON.
 
     Fields left as None are not sent, so the server applies its defaults (``kling-v1``, ``std``,
     ``16:9``, ``"5"``). ``extra`` carries fields this SDK does not know yet (``sound``,

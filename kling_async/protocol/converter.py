@@ -17,8 +17,14 @@ from typing import Any
 import attrs
 import cattrs
 
-from ._errors import APIError, ResponseDecodeError, api_error_class, no_redaction, snippet
-from ._models import Task, TaskStatus, Text2VideoRequest, Video
+from kling_async._errors import (
+    APIError,
+    ResponseDecodeError,
+    api_error_class,
+    no_redaction,
+    snippet,
+)
+from kling_async.protocol.models import Task, TaskStatus, Text2VideoRequest, Video
 
 __all__ = [
     "converter",

@@ -2,7 +2,8 @@
 
 One heap keyed by next poll time replaces a sleeping coroutine per task, so following 100,000
 tasks costs a heap entry each, not a task each. A task's next poll comes from its class's
-:class:`~._schedule.DurationModel`, which learns from every task of the class that ends.
+``DurationModel`` (:mod:`kling_async.protocol.schedule`), which learns from every task of
+the class that ends.
 Where the backend has the list endpoint and many tasks are active, one list sweep (500 tasks a
 page) can stand in for hundreds of single GETs.
 """
@@ -21,7 +22,7 @@ import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import (
+from kling_async._errors import (
     AccountError,
     AuthenticationError,
     InvalidRequestError,
@@ -29,11 +30,11 @@ from ._errors import (
     TaskNotFoundError,
     UnreachableError,
 )
-from ._jobs import Job
-from ._models import Task
-from ._poll import PollPolicy
-from ._resources import TaskResource
-from ._schedule import ClassKey, DurationModel
+from kling_async.engine.jobs import Job
+from kling_async.http.resources import TaskResource
+from kling_async.protocol.models import Task
+from kling_async.protocol.poll import PollPolicy
+from kling_async.protocol.schedule import ClassKey, DurationModel
 
 __all__ = ["PollerPool"]
 

@@ -1,21 +1,12 @@
 """The submitter: a queue of jobs drained by a few create coroutines, within Kling's slots.
 
-Kling counts parallel tasks per account and answers 1303 past the limit, creating nothing.
-The limit is not published (it depends on the resource pack), so :class:`AdaptiveLimit` learns
-it: a 1303 lowers the limit to the tasks we hold, and the submitter then waits for one of them
-to end. Sustained success at the limit probes one slot higher: a refused probe doubles the
-successes required before the next (up to 256, and at least one probe every ``probe_period``
-seconds, so a cap that rises late is still found), so a fixed limit costs only a logarithmic
-number of 1303s; an accepted probe is followed by the next
-one after a single success, so a raised cap is climbed a slot per finished task rather than a
-slot per several. (Probing by more than a slot at a time would cost a burst of 1303s whenever
-a probe is accepted only because a task ended unnoticed.)
+The slot limit itself, learned from 1303 answers, is
+:class:`~kling_async.engine.limits.AdaptiveLimit`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections import deque
@@ -25,9 +16,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from ._budget import RequestBudget
-from ._create import CreateSettings, CreateState, LandedUnseen
-from ._errors import (
+from kling_async._errors import (
     AccountError,
     AmbiguousSubmissionError,
     AuthenticationError,
@@ -37,11 +26,13 @@ from ._errors import (
     TransportError,
     UnreachableError,
 )
-from ._health import Health
-from ._jobs import Job, JobStatus
-from ._models import Task
-from ._resources import Text2VideoResource
-from ._retry import RetryPolicy
+from kling_async.engine.jobs import Job, JobStatus
+from kling_async.engine.limits import AdaptiveLimit, RequestBudget
+from kling_async.http.create import CreateSettings, CreateState, LandedUnseen
+from kling_async.http.health import Health
+from kling_async.http.resources import Text2VideoResource
+from kling_async.protocol.models import Task
+from kling_async.protocol.retry import RetryPolicy
 
 __all__ = ["AdaptiveLimit", "Submitter"]
 
@@ -51,124 +42,6 @@ log = logging.getLogger("kling_async")
 #: at least this many rounds and as long as the retry policy's timeout: a storm that fails
 #: most lookups must not end jobs whose first create may well have landed.
 _AMBIGUOUS_ROUNDS = 6
-_FIRST_PROBE_AFTER = 4
-#: Successes at the limit between probes never exceed this, so a raised cap is found.
-_MAX_PROBE_AFTER = 256
-
-
-class AdaptiveLimit:
-    """Kling slots: ``active`` tasks held (create in flight or task not yet ended) against a
-    ``limit`` that stays within [1, ``ceiling``]. ``ceiling`` None means unknown: start
-    unbounded and learn from the first 1303. See the module docstring for probing.
-
-    Each create that :meth:`acquire` lets through ends in exactly one of :meth:`on_success`,
-    :meth:`on_concurrency_limit`, :meth:`on_failure` (no task: the slot is freed) or
-    :meth:`on_landed` (the task exists, not seen yet: the slot stays held).
-    """
-
-    def __init__(self, ceiling: int | None, *, probe_period: float = 1200.0) -> None:
-        self.ceiling: float = math.inf if ceiling is None else ceiling
-        #: However many successes the next probe waits for, one goes out at least this often
-        #: (seconds) while demand presses on the limit, so a cap raised late is found.
-        self.probe_period = probe_period
-        self._last_probe = time.monotonic()
-        self.limit: float = self.ceiling
-        self.active = 0
-        self.in_flight = 0  # creates sent and not answered yet
-        self.peak_active = 0
-        self.throttled = 0  # 1303 answers seen
-        #: No create starts before this instant (after a 1303 while we hold no slot at all).
-        self.not_before = 0.0
-        self._idle_throttles = 0
-        self._successes = 0
-        self._probe_after = _FIRST_PROBE_AFTER
-        #: After an accepted probe the next one goes after a single success.
-        self._climbing = False
-        #: While probing: the limit before the probe (a task beyond it proves the probe).
-        self._probe_from: float | None = None
-        self._changed = anyio.Event()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_changed(self, at_most: float | None = None) -> None:
-        with anyio.move_on_after(at_most):
-            await self._changed.wait()
-
-    async def acquire(self) -> None:
-        while True:
-            if (pause := self.not_before - time.monotonic()) > 0:
-                await self.wait_changed(at_most=pause)
-            elif self.active >= self.limit:
-                await self.wait_changed()
-            else:
-                break
-        self.hold()
-        self.in_flight += 1
-
-    def hold(self) -> None:
-        """Count a slot without waiting (a task followed with ``track`` holds one too)."""
-        self.active += 1
-        self.peak_active = max(self.peak_active, self.active)
-
-    def release(self) -> None:
-        """A task ended: its slot is free."""
-        if self.active <= 0:
-            log.error("slot released twice; the count stays at zero")
-            return
-        self.active -= 1
-        self._notify()
-
-    def _answered(self) -> None:
-        self.in_flight = max(0, self.in_flight - 1)
-
-    def on_failure(self) -> None:
-        """A create ended without a task (an error other than 1303)."""
-        self._answered()
-        self.release()
-
-    def on_landed(self) -> None:
-        """A create made a task that is not visible yet: it keeps its slot."""
-        self._answered()
-
-    def on_success(self) -> None:
-        self._answered()
-        self._idle_throttles = 0
-        if self._probe_from is not None:
-            existing = self.active - self.in_flight  # tasks known to exist, this one included
-            if existing <= self._probe_from:
-                return  # an older create; the probe's own answer is still to come
-            self._probe_from = None
-            self._climbing = True  # the account took one more: try the next soon
-        if self.active < self.limit or self.limit >= self.ceiling:
-            return
-        self._successes += 1
-        due = self._successes >= (1 if self._climbing else self._probe_after)
-        if due or time.monotonic() - self._last_probe >= self.probe_period:
-            self._successes = 0
-            self._last_probe = time.monotonic()
-            self._probe_from = self.limit
-            self.limit = min(self.ceiling, self.limit + 1)
-            self._notify()
-
-    def on_concurrency_limit(self, retry: RetryPolicy, rng: random.Random) -> None:
-        """A 1303 for the create holding one slot: that slot is released, and the server's
-        limit is at most the tasks we still hold. Holding none (other clients of the account
-        hold the slots), no task of ours will end to free one, so creates back off instead."""
-        self._answered()
-        self.throttled += 1
-        self.active = max(0, self.active - 1)
-        if self._probe_from is not None:
-            self._probe_after = min(self._probe_after * 2, _MAX_PROBE_AFTER)
-            self._probe_from = None
-        self._climbing = False
-        self.limit = max(1, min(self.limit, self.active))
-        self._successes = 0
-        if self.active == 0:
-            self._idle_throttles += 1
-            self.not_before = time.monotonic() + retry.delay(self._idle_throttles, rng=rng)
-        # Nothing to wake: the limit only went down.
 
 
 @attrs.define

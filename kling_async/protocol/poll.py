@@ -2,7 +2,7 @@
 
 Tasks take minutes and the client pays per request, so polling at a fixed short interval
 wastes requests early and a long one adds lag late. :class:`PollPolicy` holds the bounds;
-:mod:`._schedule` turns them and the durations seen so far into poll times.
+:mod:`kling_async.protocol.schedule` turns them and the durations seen so far into poll times.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import random
 
 import attrs
 
-from ._schedule import DurationModel
+from kling_async.protocol.schedule import DurationModel
 
 __all__ = ["PollPolicy"]
 
@@ -28,7 +28,7 @@ class PollPolicy:
     ``min_interval`` and ``max_interval`` bound the gap between two polls of one task;
     ``initial_estimate`` is the duration assumed for a class of task (model, mode, clip length)
     never seen yet. The client learns each class's durations and polls where completions are
-    likely (:mod:`._schedule`); ``lag_per_poll`` sets the trade: one more poll is spent only
+    likely (``protocol.schedule``); ``lag_per_poll`` sets the trade: one more poll is spent only
     where it cuts the expected detection lag by more than that many seconds (default
     ``min_interval / 6``). The defaults suit real Kling, where tasks take minutes; against a
     time-scaled emulator, scale every value by the emulator's ``time_scale``. ``jitter`` is the

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 import attrs
 
-from ._errors import KlingError, TaskFailedError
-from ._models import Task, TaskStatus, Text2VideoRequest
+from kling_async._errors import KlingError, TaskFailedError
+from kling_async.protocol.models import Task, TaskStatus, Text2VideoRequest
 
 if TYPE_CHECKING:
-    from ._schedule import ClassKey
+    from kling_async.protocol.schedule import ClassKey
 
 __all__ = ["ClientClosedError", "EventHub", "Job", "JobEvent", "JobStatus", "as_completed"]
 

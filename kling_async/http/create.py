@@ -34,8 +34,7 @@ from typing import Any, Protocol
 import anyio
 import attrs
 
-from ._api import Api
-from ._errors import (
+from kling_async._errors import (
     AccountError,
     AmbiguousSubmissionError,
     AuthenticationError,
@@ -50,10 +49,11 @@ from ._errors import (
     TransportError,
     UnreachableError,
 )
-from ._models import Task
-from ._profiles import RepeatedExternalId
-from ._retry import RetryPolicy
-from ._wire import structure_task
+from kling_async.http.caller import Api
+from kling_async.protocol.converter import structure_task
+from kling_async.protocol.models import Task
+from kling_async.protocol.profiles import RepeatedExternalId
+from kling_async.protocol.retry import RetryPolicy
 
 __all__ = [
     "BackendFacts",
@@ -83,7 +83,7 @@ _FIRST_PAUSE = 0.05
 
 
 class Lookups(Protocol):
-    """Finding a task by ``external_task_id`` (see ``_resources.ExternalIdLookups``)."""
+    """Finding a task by ``external_task_id`` (``ExternalIdLookups`` in ``http.resources``)."""
 
     async def usable(self) -> bool:
         """Whether lookups work on this backend (learned; False: a miss proves nothing)."""

@@ -13,8 +13,8 @@ from typing import Literal
 
 import attrs
 
-from ._errors import ValidationError
-from ._models import Text2VideoRequest
+from kling_async._errors import ValidationError
+from kling_async.protocol.models import Text2VideoRequest
 
 __all__ = [
     "COMETAPI",

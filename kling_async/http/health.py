@@ -18,7 +18,7 @@ import time
 
 import anyio
 
-from ._errors import TransportError, UnreachableError
+from kling_async._errors import TransportError, UnreachableError
 
 __all__ = ["Health"]
 

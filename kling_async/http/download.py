@@ -39,11 +39,11 @@ from urllib.parse import urljoin, urlsplit
 import anyio
 import attrs
 
-from ._addresses import AddressPolicy
-from ._errors import DownloadError, TransportError, ValidationError
-from ._http import ByteStream, HttpTransport, redact_url
-from ._models import Task, Video
-from ._retry import RetryPolicy, parse_retry_after
+from kling_async._errors import DownloadError, TransportError, ValidationError
+from kling_async.http.addresses import AddressPolicy
+from kling_async.http.transport import ByteStream, HttpTransport, redact_url
+from kling_async.protocol.models import Task, Video
+from kling_async.protocol.retry import RetryPolicy, parse_retry_after
 
 __all__ = [
     "DEFAULT_DOWNLOAD_TIMEOUT",

@@ -45,7 +45,7 @@ class RetryPolicy:
     #: The least a 1302 ("too fast") waits, per the protocol's ">= 1 s".
     throttle_minimum: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
     #: The client-wide retry budget: while every request fails, retries add at most this
-    #: fraction of the requests offered, plus ``budget_reserve`` (``_budget.RetryBudget``).
+    #: fraction of the requests offered, plus ``budget_reserve`` (``http.retrying.RetryBudget``).
     #: None: no budget, only the limits above.
     budget_ratio: float | None = attrs.field(default=0.2, validator=_ratio)
     budget_reserve: float = attrs.field(default=3.0, validator=attrs.validators.ge(1))

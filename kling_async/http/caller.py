@@ -19,9 +19,7 @@ from typing import Any
 
 import anyio
 
-from ._auth import Auth
-from ._budget import RetryBudget
-from ._errors import (
+from kling_async._errors import (
     AuthenticationError,
     KlingError,
     RateLimitError,
@@ -32,10 +30,12 @@ from ._errors import (
     TransportError,
     UnreachableError,
 )
-from ._health import Health
-from ._http import HttpTransport, RawResponse
-from ._retry import RetryPolicy
-from ._wire import decode_envelope
+from kling_async.http.health import Health
+from kling_async.http.retrying import RetryBudget
+from kling_async.http.transport import HttpTransport, RawResponse
+from kling_async.protocol.auth import Auth
+from kling_async.protocol.converter import decode_envelope
+from kling_async.protocol.retry import RetryPolicy
 
 __all__ = ["Api", "is_retryable_read_error"]
 

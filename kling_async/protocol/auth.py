@@ -16,7 +16,7 @@ from typing import Protocol
 import attrs
 import jwt
 
-from ._errors import KlingError
+from kling_async._errors import KlingError
 
 __all__ = [
     "ENV_ACCESS_KEY",

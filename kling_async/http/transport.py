@@ -29,10 +29,10 @@ import aiohttp.resolver
 import attrs
 import yarl
 
-from ._addresses import AddressPolicy, AddressRefused
-from ._errors import DownloadError, TransportError, no_redaction, redact_url
-from ._retry import parse_retry_after
-from ._version import __version__
+from kling_async._errors import DownloadError, TransportError, no_redaction, redact_url
+from kling_async._version import __version__
+from kling_async.http.addresses import AddressPolicy, AddressRefused
+from kling_async.protocol.retry import parse_retry_after
 
 __all__ = ["ByteStream", "HttpTransport", "RawResponse", "Timeouts", "redact_url"]
 
