@@ -19,6 +19,7 @@ from kling_async._errors import (
     AmbiguousSubmissionError,
     APIError,
     AuthenticationError,
+    ClientClosedError,
     ConcurrencyLimitError,
     DownloadError,
     InvalidRequestError,
@@ -32,11 +33,12 @@ from kling_async._errors import (
     ThrottledError,
     TransportError,
     UnreachableError,
+    UsageError,
     ValidationError,
     WaitTimeoutError,
 )
 from kling_async._version import __version__
-from kling_async.engine.jobs import ClientClosedError, Job, JobEvent, JobStatus
+from kling_async.engine.jobs import Job, JobEvent, JobStatus
 from kling_async.http.download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_BYTES, DownloadResult
 from kling_async.protocol.auth import BearerAuth, JWTAuth
 from kling_async.protocol.models import (
@@ -109,6 +111,7 @@ __all__ = [
     "TransportError",
     "UnknownModelWarning",
     "UnreachableError",
+    "UsageError",
     "ValidationError",
     "WaitTimeoutError",
     "__version__",

@@ -4,6 +4,8 @@ Everything the SDK raises on purpose is a :class:`KlingError`::
 
     KlingError
     ├── ValidationError            bad input, raised before any network call (also a ValueError)
+    ├── UsageError                 the SDK used the wrong way: a client not entered, entered
+    │                                twice or closed; both credential kinds at once
     ├── APIError                   the server answered with an error code
     │   ├── AuthenticationError        1000-1004, a gateway 401: check the key
     │   ├── AccountError               1100-1103, 1304: fatal for the account, never retried
@@ -20,7 +22,8 @@ Everything the SDK raises on purpose is a :class:`KlingError`::
     ├── DownloadError              a result file could not be fetched, or was refused
     ├── TaskFailedError            the task ran and ended "failed" (carries the task)
     ├── WaitTimeoutError           a wait ran out of time (also a TimeoutError)
-    └── AmbiguousSubmissionError   a create may or may not have happened (carries external_task_id)
+    ├── AmbiguousSubmissionError   a create may or may not have happened (carries external_task_id)
+    └── ClientClosedError          the client closed before the job ended (the task goes on)
 
 Exceptions carry the request context (HTTP status, request id, code) so that a log line is
 enough to ask Kling's support about it, and never a key, secret or token.
@@ -41,6 +44,7 @@ __all__ = [
     "AccountError",
     "AmbiguousSubmissionError",
     "AuthenticationError",
+    "ClientClosedError",
     "ConcurrencyLimitError",
     "DownloadError",
     "InvalidRequestError",
@@ -54,6 +58,7 @@ __all__ = [
     "ThrottledError",
     "TransportError",
     "UnreachableError",
+    "UsageError",
     "ValidationError",
     "WaitTimeoutError",
     "Redactor",
@@ -144,6 +149,12 @@ class ValidationError(KlingError, ValueError):
         self.value = value
         self.rule = rule
         super().__init__(f"{field}={short_repr(value)} is invalid: {rule}")
+
+
+class UsageError(KlingError):
+    """The SDK was used in a way it cannot work: a client used outside its ``async with``,
+    entered twice or after closing, or given both credential kinds. A bug in the calling
+    code, not a condition to retry; the message says what to do instead."""
 
 
 class APIError(KlingError):
@@ -419,3 +430,7 @@ def api_error_class(code: Any, http_status: int, *, query: bool = False) -> type
             return ServerError
         return gateway_cls
     return _class_for_status(http_status)
+
+
+class ClientClosedError(KlingError):
+    """The client closed before the job ended. The task goes on server-side: ``track`` it."""

@@ -16,19 +16,15 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 import attrs
 
-from kling_async._errors import KlingError, TaskFailedError
+from kling_async._errors import ClientClosedError, TaskFailedError
 from kling_async.protocol.models import Task, TaskStatus, Text2VideoRequest
 
 if TYPE_CHECKING:
     from kling_async.protocol.schedule import ClassKey
 
-__all__ = ["ClientClosedError", "EventHub", "Job", "JobEvent", "JobStatus", "as_completed"]
+__all__ = ["EventHub", "Job", "JobEvent", "JobStatus", "as_completed"]
 
 T = TypeVar("T")
-
-
-class ClientClosedError(KlingError):
-    """The client closed before the job ended. The task goes on server-side: ``track`` it."""
 
 
 class JobStatus(enum.StrEnum):
