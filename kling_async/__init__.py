@@ -13,16 +13,20 @@ The error tree is documented in :mod:`kling_async._errors`; the emulator for tes
 :mod:`kling_async.testing`.
 """
 
+from kling_async import _logging  # noqa: F401 (the package logger; KLING_LOG)
 from kling_async._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, ClientStats, KlingClient
 from kling_async._errors import (
     AccountError,
+    AddressRefused,
     AmbiguousSubmissionError,
     APIError,
     AuthenticationError,
     ClientClosedError,
     ConcurrencyLimitError,
     DownloadError,
+    IgnoredLookupError,
     InvalidRequestError,
+    JobStoreError,
     KlingError,
     PolicyError,
     RateLimitError,
@@ -38,7 +42,17 @@ from kling_async._errors import (
     WaitTimeoutError,
 )
 from kling_async._version import __version__
+from kling_async.engine.durations import DurationStats, LearnedDurations
 from kling_async.engine.jobs import Job, JobEvent, JobStatus
+from kling_async.engine.limits import (
+    AdaptiveLimit,
+    CreateOutcome,
+    RequestBudget,
+    RequestLimiter,
+    SlotLimiter,
+)
+from kling_async.engine.sqlite_store import SQLiteJobStore
+from kling_async.engine.store import JobRecord, JobStore, MemoryJobStore
 from kling_async.http.download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_BYTES, DownloadResult
 from kling_async.protocol.auth import BearerAuth, JWTAuth
 from kling_async.protocol.models import (
@@ -81,6 +95,19 @@ __all__ = [
     "Job",
     "JobEvent",
     "JobStatus",
+    # the engine's seams and their in-process defaults
+    "SlotLimiter",
+    "AdaptiveLimit",
+    "CreateOutcome",
+    "RequestLimiter",
+    "RequestBudget",
+    "DurationStats",
+    "LearnedDurations",
+    # jobs: where a client keeps them
+    "JobRecord",
+    "JobStore",
+    "MemoryJobStore",
+    "SQLiteJobStore",
     # data
     "DownloadResult",
     "CameraConfig",
@@ -94,12 +121,15 @@ __all__ = [
     # errors and warnings
     "APIError",
     "AccountError",
+    "AddressRefused",
     "AmbiguousSubmissionError",
     "AuthenticationError",
     "ClientClosedError",
     "ConcurrencyLimitError",
     "DownloadError",
+    "IgnoredLookupError",
     "InvalidRequestError",
+    "JobStoreError",
     "KlingError",
     "PolicyError",
     "RateLimitError",

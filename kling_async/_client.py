@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import ssl
-import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -15,11 +14,15 @@ import anyio
 import anyio.abc
 import attrs
 
-from kling_async._errors import KlingError, ValidationError
+from kling_async._errors import UsageError, ValidationError
+from kling_async.engine.durations import DurationStats, LearnedDurations
 from kling_async.engine.jobs import EventHub, Job, JobEvent, as_completed
-from kling_async.engine.limits import AdaptiveLimit, RequestBudget
+from kling_async.engine.limits import AdaptiveLimit, RequestBudget, RequestLimiter, SlotLimiter
 from kling_async.engine.pollers import PollerPool
+from kling_async.engine.sqlite_store import SQLiteJobStore
+from kling_async.engine.store import JobStore, StoreWriter
 from kling_async.engine.submitter import Submitter
+from kling_async.engine.tracker import Tracker
 from kling_async.http.addresses import AddressPolicy
 from kling_async.http.caller import Api
 from kling_async.http.create import CreateSettings
@@ -33,18 +36,14 @@ from kling_async.http.download import (
 from kling_async.http.health import Health
 from kling_async.http.resources import Text2VideoResource
 from kling_async.http.transport import HttpTransport, Timeouts, redact_url
-from kling_async.protocol.auth import ENV_BASE_URL, auth_from
+from kling_async.protocol.account import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, resolve_account
 from kling_async.protocol.models import Task, Text2VideoRequest
 from kling_async.protocol.poll import PollPolicy
-from kling_async.protocol.profiles import COMETAPI, OFFICIAL, BackendProfile, ExternalIdLookup
+from kling_async.protocol.profiles import BackendProfile, ExternalIdLookup
 from kling_async.protocol.retry import RetryPolicy
 
 __all__ = ["COMETAPI_BASE_URL", "OFFICIAL_BASE_URL", "ClientStats", "KlingClient"]
 
-COMETAPI_BASE_URL = "https://api.cometapi.com/kling"
-OFFICIAL_BASE_URL = "https://api-singapore.klingai.com"
-
-_TEXT2VIDEO_PATH = "/v1/videos/text2video"
 _LOOKUP_FORMS = ("query", "path", "path_flag")
 
 
@@ -52,7 +51,7 @@ _LOOKUP_FORMS = ("query", "path", "path_flag")
 class ClientStats:
     """Counters of one client's life, for dashboards and benchmarks."""
 
-    requests: int  # every HTTP request sent (creates, polls, lookups, list sweeps, retries)
+    requests: int  # every HTTP request sent: api_requests + file_requests
     polls: int  # single-task polls by the poller pool
     sweeps: int  # list sweeps by the poller pool
     submitted: int  # tasks created by the submitter
@@ -63,11 +62,28 @@ class ClientStats:
     active_limit: float  # the slot limit as learned so far (inf while unknown)
     peak_active: int
     following: int  # tasks the pollers follow
+    #: API requests sent (creates, polls, lookups, list sweeps, every retry) and requests for
+    #: result files (each redirect hop and retry counted).
+    api_requests: int = 0
+    file_requests: int = 0
     retries_refused: int = 0  # retries the client-wide retry budget did not allow
     #: While the API host refuses every connect: what the last attempt said, and for how
     #: many seconds it has been so (None and 0.0 once a request gets through).
     connection_error: str | None = None
     connection_failing_for: float = 0.0
+
+
+def _job_store(store: object) -> tuple[JobStore | None, bool]:
+    """The store a ``store=`` argument means, and whether the client owns (closes) it."""
+    if store is None:
+        return None, False
+    if isinstance(store, str | os.PathLike):
+        if not str(store):
+            raise ValidationError("store", store, "must be a file path or a JobStore")
+        return SQLiteJobStore(store), True
+    if not isinstance(store, JobStore):
+        raise ValidationError("store", store, "must be a file path or a JobStore")
+    return store, False
 
 
 def _check_count(name: str, value: object, *, optional: bool = False) -> None:
@@ -102,7 +118,21 @@ class KlingClient:
     seconds with no answer in between, the work waiting on it ends with
     :class:`UnreachableError` (queued jobs, followed jobs, retrying calls) instead of
     retrying on (None: never give up). ``ssl`` is the TLS context for every connection
-    (default: the system's trust store).
+    (default: the system's trust store). ``trust_env`` (default True) honours the
+    ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``/``NO_PROXY`` environment for API calls and
+    downloads alike; no ``.netrc`` login is ever sent. False connects directly.
+
+    ``store`` keeps the jobs so that a restart loses none (see :class:`JobStore`): a path
+    makes the client an :class:`SQLiteJobStore` of its own (closed with the client), a store
+    object is used and left open for its owner. On entering, the store's unfinished jobs
+    are followed or submitted again and its ended ones answer :meth:`job`.
+
+    The engine's seams, each with an in-process default: ``slot_limiter`` (the account's
+    parallel-task slots, :class:`SlotLimiter`; default :class:`AdaptiveLimit`, learned from
+    1303 answers up to ``max_active_tasks``), ``request_limiter`` (the request rate,
+    :class:`RequestLimiter`; default a token bucket at ``max_requests_per_second``) and
+    ``duration_stats`` (what each class of task has taken, :class:`DurationStats`). A
+    shared implementation lets several clients of one account behave as one.
     """
 
     def __init__(
@@ -127,22 +157,32 @@ class KlingClient:
         list_sweep: bool | None = None,
         unreachable_after: float | None = 30.0,
         ssl: ssl.SSLContext | None = None,
+        trust_env: bool = True,
+        store: JobStore | str | os.PathLike[str] | None = None,
+        slot_limiter: SlotLimiter | None = None,
+        request_limiter: RequestLimiter | None = None,
+        duration_stats: DurationStats | None = None,
     ) -> None:
-        self._auth = auth_from(api_key=api_key, access_key=access_key, secret_key=secret_key)
-        default_profile = COMETAPI if self._auth.kind == "bearer" else OFFICIAL
-        self.profile = profile if profile is not None else default_profile
-        if base_url is None:
-            base_url = os.environ.get(ENV_BASE_URL) or (
-                COMETAPI_BASE_URL if self._auth.kind == "bearer" else OFFICIAL_BASE_URL
-            )
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ValidationError("base_url", base_url, "must be an http:// or https:// URL")
+        # The one rule for credentials, base URL and profile (and their environment).
+        account = resolve_account(
+            api_key=api_key,
+            access_key=access_key,
+            secret_key=secret_key,
+            base_url=base_url,
+            profile=profile,
+            environ=os.environ,
+        )
+        self._auth = account.auth
+        self.profile = account.profile
+        self.base_url = account.base_url
         if external_id_lookup == "profile":
             external_id_lookup = self.profile.external_id_lookup
         if external_id_lookup is not None and external_id_lookup not in _LOOKUP_FORMS:
             raise ValidationError(
                 "external_id_lookup", external_id_lookup, f"must be one of {_LOOKUP_FORMS} or None"
             )
+        if not isinstance(trust_env, bool):
+            raise ValidationError("trust_env", trust_env, "must be True or False")
         for name, value in (
             ("timeout", timeout),
             ("connect_timeout", connect_timeout),
@@ -169,7 +209,6 @@ class KlingClient:
             raise ValidationError(
                 "max_requests_per_second", max_requests_per_second, "must be > 0, or None"
             )
-        self.base_url = base_url.rstrip("/")
         self.unreachable_after = unreachable_after
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollPolicy()
@@ -178,21 +217,30 @@ class KlingClient:
             timeouts=Timeouts(connect=connect_timeout, read=timeout),
             max_connections=max_connections,
             ssl_context=ssl,
+            trust_env=trust_env,
         )
+        if slot_limiter is not None and not isinstance(slot_limiter, SlotLimiter):
+            raise ValidationError("slot_limiter", slot_limiter, "must implement SlotLimiter")
+        if request_limiter is not None and not isinstance(request_limiter, RequestLimiter):
+            raise ValidationError(
+                "request_limiter", request_limiter, "must implement RequestLimiter"
+            )
+        if duration_stats is not None and not isinstance(duration_stats, DurationStats):
+            raise ValidationError("duration_stats", duration_stats, "must implement DurationStats")
         self._budget = RequestBudget(max_requests_per_second)
+        self._requests: RequestLimiter = request_limiter or self._budget
         self._health = Health(self._transport.host, unreachable_after=unreachable_after)
         self._api = Api(
             self._transport,
             self._auth,
             retry=self.retry,
-            before_request=self._budget.acquire,
+            before_request=self._requests.acquire,
             on_rate_limited=self._rate_limited,
             health=self._health,
         )
         lookup = external_id_lookup
         self.text2video = Text2VideoResource(
             self._api,
-            _TEXT2VIDEO_PATH,
             profile=self.profile,
             create_settings=CreateSettings(retry=self.retry, settle_window=settle_window),
             poll=self.poll,
@@ -200,20 +248,29 @@ class KlingClient:
         )
         self._hub = EventHub()
         # A probe at least every 20 max intervals (20 minutes by default) while jobs wait.
-        self._limit = AdaptiveLimit(max_active_tasks, probe_period=20 * self.poll.max_interval)
+        self._slots: SlotLimiter = slot_limiter or AdaptiveLimit(
+            max_active_tasks, retry=self.retry, probe_period=20 * self.poll.max_interval
+        )
+        self._store, self._owns_store = _job_store(store)
+        self._tracker = Tracker(
+            self._hub,
+            self._slots,
+            duration_stats or LearnedDurations(self.poll),
+        )
+        if self._store is not None:
+            self._tracker.store = StoreWriter(self._store, self._tracker.record)
         self._submitter = Submitter(
             self.text2video,
-            self._limit,
-            self._budget,
+            self._tracker,
+            self._requests,
             retry=self.retry,
             settle_window=settle_window,
             health=self._health,
-            on_submitted=self._submitted,
         )
         self._pool = PollerPool(
             self.text2video,
             self.poll,
-            on_end=self._ended,
+            self._tracker,
             list_sweep=self.profile.supports_list if list_sweep is None else list_sweep,
         )
         self._workers = (max_concurrent_submits, pollers)
@@ -225,16 +282,26 @@ class KlingClient:
 
     async def __aenter__(self) -> Self:
         if self._entered:
-            raise KlingError("a KlingClient can be entered once; make a new one")
+            raise UsageError("a KlingClient can be entered once; make a new one")
         self._entered = True
         async with AsyncExitStack() as stack:
+            if self._owns_store:
+                assert isinstance(self._store, SQLiteJobStore)
+                await stack.enter_async_context(self._store)
             await self._transport.open()
             stack.push_async_callback(self._transport.aclose)
             stack.callback(self._hub.close)
+            writer = self._tracker.store
+            if writer is not None:
+                # Written last thing before the session closes, after the task group ends.
+                stack.push_async_callback(writer.flush)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             submitters, pollers = self._workers
             self._task_group.start_soon(self._submitter.run, submitters, name="kling-submitters")
             self._task_group.start_soon(self._pool.run, pollers, name="kling-poll-dispatcher")
+            if writer is not None:
+                self._task_group.start_soon(writer.run, name="kling-job-store")
+                await self._resume(writer.store)
             self._stack = stack.pop_all()
         return self
 
@@ -244,21 +311,34 @@ class KlingClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop all background work, end every iterator and close the session.
-
-        Jobs keep their ``task_id``: tasks go on server-side and can be followed again with
-        :meth:`track` by a new client. Safe to call more than once.
-        """
+        """Stop the background work and close. The body's exception, if any, goes through
+        the task group's exit with it, so an error raised in the background beside it is
+        reported together with it (in one exception group), never instead of it; alone, it
+        leaves unchanged and unwrapped, so ``except ValueError`` around the block still works."""
         stack, self._stack = self._stack, None
         if stack is None:
             return
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
         self._task_group = None
-        await stack.aclose()
+        try:
+            await stack.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            if exc is None:
+                raise
+            _, rest = group.split(lambda error: error is exc)
+            if rest is not None:
+                raise
+            # Only the body's own exception: returning lets it propagate as it was raised.
+
+    async def aclose(self) -> None:
+        """Stop all background work, end every iterator and close the session.
+
+        Jobs keep their ``task_id``: tasks go on server-side and can be followed again with
+        :meth:`track` by a new client (or are resumed from the job store). Safe to call more
+        than once.
+        """
+        await self.__aexit__(None, None, None)
 
     @property
     def host(self) -> str:
@@ -267,9 +347,22 @@ class KlingClient:
 
     def _running(self) -> None:
         if self._stack is None:
-            raise KlingError(
-                "the client is not running: use it inside `async with KlingClient(...) as kling`"
+            state = "has closed" if self._entered else "is not running"
+            raise UsageError(
+                f"the client {state}: use it inside `async with KlingClient(...) as kling`"
             )
+
+    async def _resume(self, store: JobStore) -> None:
+        """Bring back the store's jobs: ended ones as they were, the rest followed again
+        (by task id) or submitted again (looked up first if a create may have gone out)."""
+        for record in await store.load():
+            job = self._tracker.restore(record)
+            if job.done:
+                continue
+            if record.task_id is not None:
+                self._tracker.track(record.task_id, job=job)
+            else:
+                self._submitter.enqueue(job, resume=record.sent)
 
     # --- many jobs --------------------------------------------------------------------------
 
@@ -277,95 +370,127 @@ class KlingClient:
         """Queue one text-to-video job behind the client's limits and return it at once.
 
         The request is validated now (a :class:`ValidationError` is raised here, before any
-        network call) and given an ``external_task_id`` if it has none. ``resume=True`` says
-        an earlier run may already have sent this request (same ``external_task_id``): the
-        task is looked up first and created only if it does not exist.
+        network call) and given an ``external_task_id`` if it has none: that is the job's
+        ``id`` from now on, and an id already used by a job of this client is refused.
+
+        ``resume=True`` makes it safe to submit again what an earlier run (or this client,
+        through its job store) may already have sent under the same ``external_task_id``:
+        a job this client already has with that id is returned as it is (running, or ended
+        with a task), except one that ended with no task (refused, unreachable, account
+        stopped), which is queued again; otherwise the task is looked up first and created
+        only if it does not exist.
         """
         return self.submit_many([request], resume=resume)[0]
 
     def submit_many(
         self, requests: Iterable[Text2VideoRequest], *, resume: bool = False
     ) -> list[Job]:
-        """Queue many jobs; all are validated before any is queued."""
+        """Queue many jobs; all are validated before any is queued (see :meth:`submit`)."""
         self._running()
         prepared = [self.text2video.prepare(request) for request in requests]
+        ids: set[str] = set()
+        for request in prepared:
+            job_id = request.external_task_id
+            assert job_id is not None
+            known = self._tracker.find(job_id)
+            if job_id in ids or (known is not None and not resume):
+                raise ValidationError(
+                    "external_task_id", job_id, "is already the id of a job of this client"
+                )
+            if known is not None and known.request is not None and known.request != request:
+                raise ValidationError(
+                    "external_task_id",
+                    job_id,
+                    "is the id of a job of this client with another request; resume needs "
+                    "the same request",
+                )
+            ids.add(job_id)
         jobs = []
         for request in prepared:
-            job = Job(
-                self._hub,
-                request=request,
-                external_task_id=request.external_task_id,
-                class_key=(
-                    request.effective_model,
-                    request.effective_mode,
-                    request.effective_duration,
-                ),
-            )
+            assert request.external_task_id is not None
+            known = self._tracker.find(request.external_task_id)
+            if known is not None and (not known.done or known.task_id is not None):
+                jobs.append(known)  # resumed: already running, or ended with its task
+                continue
+            job = self._tracker.queued(request, sent=resume, replace=known)
             self._submitter.enqueue(job, resume=resume)
             jobs.append(job)
         return jobs
 
-    def track(self, task_id: str) -> Job:
+    def track(self, task: str | Task) -> Job:
         """A job following a task created elsewhere or earlier (for example before a restart).
 
-        Tracking the same task twice gives the same job. A tracked task counts against
+        ``task`` is a task id, or a :class:`Task` you fetched with this account (then the job
+        starts from that snapshot: one that has ended gives a finished job at once, with no
+        request and no slot). Tracking a task twice gives the same job, and a task this
+        client has seen end gives its finished job at once. A tracked task counts against
         ``max_active_tasks`` until it ends, since it holds one of the account's slots.
         """
         self._running()
-        if not isinstance(task_id, str) or not task_id:
-            raise ValidationError("task_id", task_id, "must be a non-empty string")
-        existing = self._pool.following.get(task_id)
-        if existing is not None:
-            return existing
-        job = Job(self._hub, task_id=task_id)
-        job.started_at = time.monotonic()
-        self._limit.hold()
-        self._pool.follow(job, poll_now=True)
-        return job
+        if isinstance(task, Task):
+            return self._tracker.track_snapshot(task)
+        if not isinstance(task, str) or not task:
+            raise ValidationError("task", task, "must be a task id (a non-empty string) or a Task")
+        return self._tracker.track(task)
+
+    def job(self, job_id: str) -> Job | None:
+        """The job with this id (:attr:`Job.id`) or this task id, or None: jobs of this
+        client, ended ones included, and those loaded from its job store."""
+        if not isinstance(job_id, str) or not job_id:
+            raise ValidationError("job_id", job_id, "must be a non-empty string")
+        return self._tracker.find(job_id)
+
+    def observe(self, task: Task, *, confirmed: bool = False) -> Job | None:
+        """Feed a snapshot of a task seen outside the pollers (a callback, another worker).
+
+        ``confirmed=True`` says you fetched it yourself with this account's credentials: the
+        job moves forward as if polled (states never move back). Unconfirmed (the default,
+        right for anything that arrived from outside, such as a callback body), it changes
+        nothing by itself: the job's task is polled at once, with the credentials, and only
+        that answer counts, so a forged snapshot (a fake ``succeed`` with someone else's
+        URL) is never believed. Returns the job concerned, or None if no job this client
+        follows has that task.
+        """
+        self._running()
+        if not isinstance(task, Task):
+            raise ValidationError("task", task, "must be a Task")
+        if not isinstance(confirmed, bool):
+            raise ValidationError("confirmed", confirmed, "must be True or False")
+        return self._tracker.observe(task, confirmed=confirmed)
 
     def as_completed(self, jobs: Iterable[Job]) -> AsyncIterator[Job]:
         """Yield the jobs as they end (succeeded, failed or errored), first finished first."""
         return as_completed(self._hub, jobs)
 
     def events(self) -> AsyncIterator[JobEvent]:
-        """Every status change of every job from now on, until the client closes."""
+        """Every state change of every job from now on (``queued`` and ``submitting``
+        included), until the client closes."""
         return self._hub.events()
 
     @property
     def stats(self) -> ClientStats:
+        slots = self._slots
         return ClientStats(
-            requests=self._budget.requests,
+            requests=self._transport.api_requests + self._transport.file_requests,
+            api_requests=self._transport.api_requests,
+            file_requests=self._transport.file_requests,
             polls=self._pool.polls,
             sweeps=self._pool.sweeps,
             submitted=self._submitter.stats.submitted,
             rejected=self._submitter.stats.rejected,
-            concurrency_limited=self._limit.throttled,
+            concurrency_limited=getattr(slots, "concurrency_limited", 0),
             queued=self._submitter.queued,
-            active=self._limit.active,
-            active_limit=self._limit.limit,
-            peak_active=self._limit.peak_active,
-            following=len(self._pool.following),
+            active=slots.active,
+            active_limit=slots.limit,
+            peak_active=slots.peak_active,
+            following=len(self._tracker.following),
             retries_refused=self._api.budget.refused if self._api.budget is not None else 0,
             connection_error=self._health.connect_error,
             connection_failing_for=self._health.failing_for,
         )
 
-    # --- engine callbacks -------------------------------------------------------------------
-
-    def _submitted(self, job: Job, task: Task, sent_at: float) -> None:
-        job.started_at = sent_at
-        job.measured = True
-        job._observe(task)
-        if job.done:
-            self._ended(job)
-        else:
-            self._pool.follow(job)
-
-    def _ended(self, job: Job) -> None:
-        self._limit.release()
-
     def _rate_limited(self, retry_after: float | None) -> None:
-        self._budget.pause(self.retry.delay(1, retry_after=retry_after, throttled=True))
+        self._requests.pause(self.retry.delay(1, retry_after=retry_after, throttled=True))
 
     def __repr__(self) -> str:
         return (

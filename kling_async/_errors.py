@@ -19,35 +19,52 @@ Everything the SDK raises on purpose is a :class:`KlingError`::
     ├── TransportError             no usable HTTP answer (connect failed, timeout, dropped)
     │   └── UnreachableError           the API host could not be reached for a while: gave up
     ├── ResponseDecodeError        an answer that is not the JSON envelope (HTML, empty, truncated)
+    │   └── IgnoredLookupError         a lookup by external_task_id answered with a list or with
+    │                                    another task: the backend may ignore it (not "not found")
     ├── DownloadError              a result file could not be fetched, or was refused
+    │   └── AddressRefused             a download would connect where the address policy forbids
+    │                                    (also an OSError, to travel through aiohttp's resolver)
     ├── TaskFailedError            the task ran and ended "failed" (carries the task)
     ├── WaitTimeoutError           a wait ran out of time (also a TimeoutError)
     ├── AmbiguousSubmissionError   a create may or may not have happened (carries external_task_id)
-    └── ClientClosedError          the client closed before the job ended (the task goes on)
+    ├── ClientClosedError          the client closed before the job ended (the task goes on)
+    └── JobStoreError              a job store cannot be used (unreadable, or a newer layout)
+
+Warnings, issued (``warnings.warn``), never raised::
+
+    UserWarning
+    └── UnknownModelWarning        a model_name this SDK does not know; it is sent anyway
 
 Exceptions carry the request context (HTTP status, request id, code) so that a log line is
 enough to ask Kling's support about it, and never a key, secret or token.
+
+Private control-flow signals that never reach a caller stay beside the loop that uses them:
+``LandedUnseen`` (``http.create``, caught by the engine's submitter), ``_Expired`` and
+``_Retryable`` (``http.download``, turned into a fresh URL, a retry or a DownloadError).
+
+This module imports nothing of the SDK: the task an error carries is described by the small
+:class:`TaskSnapshot` protocol, so the models can import the errors without a cycle.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
-
-if TYPE_CHECKING:
-    from kling_async.protocol.models import Task
 
 __all__ = [
     "APIError",
     "AccountError",
+    "AddressRefused",
     "AmbiguousSubmissionError",
     "AuthenticationError",
     "ClientClosedError",
     "ConcurrencyLimitError",
     "DownloadError",
+    "IgnoredLookupError",
     "InvalidRequestError",
+    "JobStoreError",
     "KlingError",
     "PolicyError",
     "RateLimitError",
@@ -55,8 +72,10 @@ __all__ = [
     "ServerError",
     "TaskFailedError",
     "TaskNotFoundError",
+    "TaskSnapshot",
     "ThrottledError",
     "TransportError",
+    "UnknownModelWarning",
     "UnreachableError",
     "UsageError",
     "ValidationError",
@@ -68,6 +87,28 @@ __all__ = [
 ]
 
 _SNIPPET = 200
+
+
+class _Status(Protocol):
+    @property
+    def value(self) -> str: ...
+
+
+class TaskSnapshot(Protocol):
+    """What an error reads of the task it carries (``kling_async.Task`` is one)."""
+
+    @property
+    def task_id(self) -> str: ...
+
+    @property
+    def status(self) -> _Status: ...
+
+    @property
+    def status_message(self) -> str: ...
+
+
+#: The task type an error carries: ``Task`` for text-to-video, another family's task later.
+TaskT = TypeVar("TaskT", bound=TaskSnapshot)
 
 
 def short_repr(value: object, limit: int = 80) -> str:
@@ -155,6 +196,12 @@ class UsageError(KlingError):
     """The SDK was used in a way it cannot work: a client used outside its ``async with``,
     entered twice or after closing, or given both credential kinds. A bug in the calling
     code, not a condition to retry; the message says what to do instead."""
+
+
+class JobStoreError(KlingError):
+    """A job store cannot be used: its file is not a store, cannot be read or written, or was
+    written by a newer layout than this version reads. The message names the file and says
+    what to do; a store's records never hold a secret, so neither does the message."""
 
 
 class APIError(KlingError):
@@ -313,6 +360,12 @@ class ResponseDecodeError(KlingError):
         super().__init__(message + detail)
 
 
+class IgnoredLookupError(ResponseDecodeError):
+    """A lookup by ``external_task_id`` was answered with a list page, or with another task: the
+    backend may ignore the parameter, so the answer says nothing about our task. Never read as
+    "not found" (that would re-send a create that may have landed)."""
+
+
 class DownloadError(KlingError):
     """A result file could not be downloaded, or was refused (scheme, host or address, size,
     content that is not a video, deadline).
@@ -327,22 +380,37 @@ class DownloadError(KlingError):
         super().__init__(message)
 
 
-class TaskFailedError(KlingError):
-    """The task ran and ended ``failed``; ``task`` is its final snapshot."""
+class AddressRefused(DownloadError, OSError):
+    """A download would connect where the address policy forbids (a private, loopback or
+    otherwise non-public address, in any spelling). ``host`` is the host and ``rule`` why.
 
-    def __init__(self, task: Task) -> None:
+    Also an ``OSError``, so that it travels through aiohttp's resolver call like a failed DNS
+    lookup, with no connection made; the transport reports it as a :class:`DownloadError`
+    naming the URL, and a caller that catches ``DownloadError`` catches this too.
+    """
+
+    def __init__(self, host: str, rule: str) -> None:
+        super().__init__(f"host {host!r} {rule}")
+        self.host = host
+        self.rule = rule
+
+
+class TaskFailedError(KlingError, Generic[TaskT]):
+    """The task ran and ended ``failed``; ``task`` is its final snapshot (a ``Task``)."""
+
+    def __init__(self, task: TaskT) -> None:
         self.task = task
         reason = task.status_message or "no reason given"
         super().__init__(f"task {task.task_id} failed: {reason}")
 
 
-class WaitTimeoutError(KlingError, TimeoutError):
+class WaitTimeoutError(KlingError, TimeoutError, Generic[TaskT]):
     """A wait ran out of time before the task ended; the task goes on server-side.
 
-    ``task`` is the last snapshot seen (None if none was fetched).
+    ``task`` is the last snapshot seen (a ``Task``; None if none was fetched).
     """
 
-    def __init__(self, task_id: str, timeout: float, task: Task | None = None) -> None:
+    def __init__(self, task_id: str, timeout: float, task: TaskT | None = None) -> None:
         self.task_id = task_id
         self.timeout = timeout
         self.task = task
@@ -434,3 +502,17 @@ def api_error_class(code: Any, http_status: int, *, query: bool = False) -> type
 
 class ClientClosedError(KlingError):
     """The client closed before the job ended. The task goes on server-side: ``track`` it."""
+
+
+class UnknownModelWarning(UserWarning):
+    """A ``model_name`` this SDK does not know; it is sent anyway (new models appear often)."""
+
+
+class RestoredError(KlingError):
+    """The error a job ended with before a restart, as its job store kept it: the original
+    class name (``error_type``) and message, since the exception itself is not stored."""
+
+    def __init__(self, error_type: str | None, message: str) -> None:
+        self.error_type = error_type or "KlingError"
+        self.message = message
+        super().__init__(f"{self.error_type}: {message}")

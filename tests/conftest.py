@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 import kling_async as ka
@@ -28,6 +29,13 @@ def anyio_backend() -> str:
 async def emu() -> AsyncIterator[Emulator]:
     async with Emulator(time_scale=SCALE, seed=7) as emulator:
         yield emulator
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A raw aiohttp client, for tests of the emulator's wire behaviour."""
+    async with aiohttp.ClientSession() as client:
+        yield client
 
 
 FAST_RETRY = ka.RetryPolicy(

@@ -8,7 +8,7 @@ import jwt
 import pytest
 
 import kling_async as ka
-from kling_async.protocol.auth import auth_from
+from kling_async.protocol.account import resolve_auth
 
 
 def claims(header: str, secret: str) -> dict[str, int | str]:
@@ -78,8 +78,10 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.delenv("KLING_API_KEY")
     monkeypatch.setenv("KLING_ACCESS_KEY", "ak")
-    with pytest.raises(ka.KlingError, match="secret_key is missing"):
+    with pytest.raises(ka.ValidationError, match="KLING_SECRET_KEY") as missing:
         ka.KlingClient()
+    assert missing.value.field == "KLING_SECRET_KEY"
+    assert "is not set" in str(missing.value)
     monkeypatch.setenv("KLING_SECRET_KEY", "sk")
     monkeypatch.setenv("KLING_BASE_URL", "https://api-beijing.klingai.com/")
     client = ka.KlingClient()
@@ -89,8 +91,9 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_explicit_credentials_win_and_modes_do_not_mix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KLING_API_KEY", "sk-env")
-    assert auth_from(api_key=None, access_key="a", secret_key="s", jwt_clock=None).kind == "jwt"
-    with pytest.raises(ka.KlingError, match="not both"):
+    environ = {"KLING_API_KEY": "sk-env"}
+    assert resolve_auth(api_key=None, access_key="a", secret_key="s", environ=environ).kind == "jwt"
+    with pytest.raises(ka.UsageError, match="not both"):
         ka.KlingClient(api_key="k", access_key="a", secret_key="s")
     client = ka.KlingClient(access_key="a", secret_key="s", profile=ka.COMETAPI)
     assert client.profile is ka.COMETAPI

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -701,27 +702,47 @@ def test_a_row_with_its_own_id_whose_request_changed_is_not_sent(
     assert creates(server) == before
 
 
-def make_v1(out: Path) -> None:
-    """Turn a journal into what version 1 wrote: keys by position, schema 1, no counter."""
+def make_legacy(out: Path, version: str) -> None:
+    """Turn a journal into what an older version wrote: requests stored as their wire body
+    (set fields only, extras merged) and hashed so; schema 2 keys rows by that hash, schema 1
+    by position and keeps no id counter."""
+    occurrences: dict[str, int] = {}
     with contextlib.closing(sqlite3.connect(out / "kling-journal.sqlite3")) as db, db:
-        for key, number in db.execute("SELECT row_key, number FROM rows").fetchall():
+        rows = db.execute("SELECT row_key, number, request_json FROM rows ORDER BY number")
+        for key, number, stored in rows.fetchall():
+            record = json.loads(stored)
+            body = {k: v for k, v in record.items() if v is not None and k != "extra"}
+            body.update(record.get("extra") or {})
+            encoded = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            digest = hashlib.sha256(encoded.encode()).hexdigest()
+            occurrences[digest] = occurrences.get(digest, 0) + 1
+            new_key = key
             if not key.startswith("id:"):
-                db.execute("UPDATE rows SET row_key = ? WHERE row_key = ?", (f"#{number}", key))
-        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
-        db.execute("DELETE FROM meta WHERE key = 'next_id'")
+                new_key = f"#{number}" if version == "1" else f"{digest}#{occurrences[digest]}"
+            db.execute(
+                "UPDATE rows SET row_key = ?, request_json = ?, request_hash = ? WHERE row_key = ?",
+                (new_key, encoded, digest, key),
+            )
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (version,))
+        if version == "1":
+            db.execute("DELETE FROM meta WHERE key = 'next_id'")
 
 
-def test_a_version_1_journal_is_migrated_and_nothing_is_billed_again(
-    server: EmulatorProcess, tmp_path: Path
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_an_older_journal_is_migrated_and_nothing_is_billed_again(
+    server: EmulatorProcess, tmp_path: Path, version: str
 ) -> None:
     prompts = tmp_path / "p.jsonl"
+    own = f"mine-v{version}"  # one emulator serves the module: an id of its own per case
     prompts.write_text(
-        '{"prompt": "same"}\n{"prompt": "own", "external_task_id": "mine-v1"}\n{"prompt": "same"}\n'
+        f'{{"prompt": "same"}}\n{{"prompt": "own", "external_task_id": "{own}"}}\n'
+        '{"prompt": "same"}\n'
     )
     out = tmp_path / "out"
     command = batch_command(prompts, out, server)
     assert run_main(command).code == 0
-    make_v1(out)
+    make_legacy(out, version)
+
     plan = run_main([*command, "--dry-run"])
     assert "3 done (skip)" in plan.out, plan.out
     before = creates(server)
@@ -732,9 +753,9 @@ def test_a_version_1_journal_is_migrated_and_nothing_is_billed_again(
     rows = assert_complete(server, out, 4)
     batch = json.loads((out / "summary.json").read_text())["batch_id"]
     ids = [row["external_task_id"] for row in rows]
-    assert ids == [f"kb-{batch}-4", f"kb-{batch}-1", "mine-v1", f"kb-{batch}-3"]
+    assert ids == [f"kb-{batch}-4", f"kb-{batch}-1", own, f"kb-{batch}-3"]
     with contextlib.closing(sqlite3.connect(out / "kling-journal.sqlite3")) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
 
 
 # --- 9. the base URL is checked before anything is written ---------------------------------------

@@ -3,7 +3,11 @@ changed rows, one owner."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -158,3 +162,103 @@ def test_a_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
     result = run_main(["batch", str(prompts), "--out", str(out), "--emulator"])
     assert result.code == 2
     assert "is not a usable journal" in result.err
+
+
+# --- migration of the journal today's release writes (schema 2) ---------------------------------
+
+#: The rows table of a schema-2 journal, as `git show HEAD~:kling_async/cli/_journal.py` has it.
+SCHEMA_2 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE rows (
+    row_key TEXT PRIMARY KEY, number INTEGER NOT NULL, line INTEGER NOT NULL,
+    request_hash TEXT NOT NULL, request_json TEXT NOT NULL,
+    external_task_id TEXT NOT NULL UNIQUE, attempt INTEGER NOT NULL DEFAULT 1, task_id TEXT,
+    status TEXT NOT NULL, video_id TEXT, video_url TEXT, file TEXT NOT NULL, sha256 TEXT,
+    size INTEGER, error TEXT, submitted_at REAL, finished_at REAL, updated_at REAL NOT NULL,
+    possible_duplicate INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+def wire_json(body: Mapping[str, object]) -> str:
+    """How schema 2 stored a request: its wire body, canonically encoded."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def write_schema_2(path: Path) -> dict[str, tuple[str, str | None, str]]:
+    """A schema-2 journal made by hand: two identical prompts (keys ``<hash>#1``, ``#2``), one
+    row with its own id and an extra field, in three states. Returns external id -> (prompt,
+    task id, status)."""
+    bodies = [
+        ({"prompt": "the same sea"}, "kb-b2-1", "t-1", "done"),
+        ({"prompt": "the same sea"}, "kb-b2-2", "t-2", "processing"),
+        ({"prompt": "own", "external_task_id": "mine", "sound": "on"}, "mine", None, "pending"),
+    ]
+    occurrences: dict[str, int] = {}
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(SCHEMA_2)
+        db.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [("schema", "2"), ("batch_id", "b2"), ("backend", "b"), ("next_id", "4")],
+        )
+        for number, (body, external, task_id, status) in enumerate(bodies, start=1):
+            encoded = wire_json(body)
+            digest = hashlib.sha256(encoded.encode()).hexdigest()
+            occurrences[digest] = occurrences.get(digest, 0) + 1
+            own = body.get("external_task_id")
+            key = f"id:{own}" if own else f"{digest}#{occurrences[digest]}"
+            db.execute(
+                "INSERT INTO rows (row_key, number, line, request_hash, request_json, "
+                "external_task_id, task_id, status, file, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                (key, number, number, digest, encoded, external, task_id, status, f"{number}.mp4"),
+            )
+    return {
+        external: (str(body["prompt"]), task_id, status)
+        for body, external, task_id, status in bodies
+    }
+
+
+SCHEMA_2_PROMPTS = (
+    '{"prompt": "the same sea"}\n{"prompt": "the same sea"}\n'
+    '{"prompt": "own", "external_task_id": "mine", "extra": {"sound": "on"}}\n'
+)
+
+
+def test_a_schema_2_journal_is_read_as_is_and_migrated_keeping_every_task(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    expected = write_schema_2(path)
+    rows = rows_of(tmp_path / "p.jsonl", SCHEMA_2_PROMPTS)
+    # Read-only (status, --dry-run): the rows match the file's rows, and nothing is written.
+    reader = Journal.open(path, lock=False)
+    try:
+        assert set(reader.rows()) == {row.key for row in rows}
+    finally:
+        reader.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+    journal = Journal.open(path)
+    try:
+        preparation = journal.prepare(rows, backend="b", prompts="p")
+        # Every row is known: none is new, so none would be submitted again.
+        assert preparation.fresh == frozenset()
+        assert preparation.changed == ()
+        assert preparation.orphans == ()
+        found = {
+            record.external_task_id: (record.task_id, record.status)
+            for record in preparation.rows.values()
+        }
+        assert found == {
+            external: (task, status) for external, (_, task, status) in expected.items()
+        }
+        assert [preparation.rows[row.key].request_hash for row in rows] == [
+            row.request_hash for row in rows
+        ]
+        assert journal.meta["schema"] == "3"
+    finally:
+        journal.close()
+    again = Journal.open(path)  # a migrated journal opens as it is
+    try:
+        assert again.prepare(rows, backend="b", prompts="p").fresh == frozenset()
+    finally:
+        again.close()

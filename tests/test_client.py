@@ -249,16 +249,23 @@ async def test_jwt_refresh_before_expiry_uses_a_new_token(monkeypatch: pytest.Mo
 
 
 async def test_client_requires_async_with(emu: Emulator) -> None:
+    """Every misuse raises the one documented class, saying what to do instead."""
     kling = client_for(emu)
-    with pytest.raises(RuntimeError, match="async with"):
+    with pytest.raises(ka.UsageError, match="async with"):
         await kling.text2video.get("1")
-    with pytest.raises(ka.KlingError, match="async with"):
+    with pytest.raises(ka.UsageError, match="async with"):
         kling.submit(REQUEST)
+    with pytest.raises(ka.UsageError, match="async with"):
+        kling.observe(ka.Task(task_id="1", status=ka.TaskStatus.SUBMITTED))
     async with kling:
         pass
-    with pytest.raises(ka.KlingError, match="once"):
+    with pytest.raises(ka.UsageError, match="has closed"):
+        kling.submit(REQUEST)
+    with pytest.raises(ka.UsageError, match="once"):
         async with kling:
             pass
+    with pytest.raises(ka.UsageError, match="not both"):
+        ka.KlingClient(api_key="sk-x", access_key="ak", secret_key="sk")
 
 
 async def test_transport_failure_is_typed() -> None:

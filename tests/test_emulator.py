@@ -7,13 +7,14 @@ the reference server the SDK is tested against, so its wire behaviour is what is
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import re
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -21,7 +22,9 @@ import anyio
 import jwt
 import pytest
 
+from kling_async import testing
 from kling_async.testing import EmulatedTask, Emulator, FaultKind, Faults
+from kling_async.testing._callbacks import CallbackScheduler
 from kling_async.testing._state import Lifecycle, TaskStore
 
 pytestmark = pytest.mark.anyio
@@ -108,12 +111,6 @@ async def eventually(predicate: Callable[[], bool], *, within: float = 5.0) -> N
     with anyio.fail_after(within):
         while not predicate():
             await anyio.sleep(0.005)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def assert_envelope(answer: Any) -> Any:
@@ -832,6 +829,131 @@ async def test_a_taken_port_fails_start() -> None:
         second = Emulator(port=port)
         with pytest.raises(OSError, match="address already in use"):
             await second.start()
+
+
+def emulator_tasks() -> list[str]:
+    """The live tasks of emulators: their services, callback workers, a start() host.
+
+    They go by name: the emulator names its own, and anyio names the rest after their function.
+    """
+    mine = ("kling-emulator", f"{testing.__name__}.")
+    return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(mine))
+
+
+async def test_the_block_owns_everything_the_emulator_runs() -> None:
+    async with Emulator(time_scale=0.001) as emu:
+        running = emulator_tasks()
+        assert "kling-emulator" in running  # the service: a child of the block's task group
+        assert "kling-emulator-host" not in running  # no free-standing task behind the block
+        assert emu.url
+    assert emulator_tasks() == []
+
+
+async def test_a_failure_inside_the_emulator_ends_its_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The service is a child of the block's task group, so its failure is the block's."""
+
+    async def broken(self: CallbackScheduler) -> None:
+        raise RuntimeError("the callback scheduler broke")
+
+    async def serve_forever() -> None:
+        async with Emulator(time_scale=0.001):
+            with anyio.fail_after(30):  # a hang guard: the failure cancels this wait at once
+                await anyio.sleep_forever()
+
+    monkeypatch.setattr(CallbackScheduler, "_dispatch", broken)
+    with pytest.raises(ExceptionGroup) as raised:
+        await serve_forever()
+    assert raised.group_contains(RuntimeError, match="the callback scheduler broke")
+    assert emulator_tasks() == []
+
+
+async def test_a_failure_inside_a_started_emulator_comes_out_of_aclose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken(self: CallbackScheduler) -> None:
+        raise RuntimeError("the callback scheduler broke")
+
+    monkeypatch.setattr(CallbackScheduler, "_dispatch", broken)
+    emu = Emulator(time_scale=0.001)
+    await emu.start()
+    with pytest.raises(ExceptionGroup) as raised:
+        await emu.aclose()
+    assert raised.group_contains(RuntimeError, match="the callback scheduler broke")
+    assert emulator_tasks() == []
+
+
+async def test_an_error_in_the_block_comes_out_as_itself(session: aiohttp.ClientSession) -> None:
+    apis: list[Api] = []
+
+    async def fail_inside() -> None:
+        async with Emulator(time_scale=0.001) as emu:
+            apis.append(Api(session, emu))
+            raise LookupError("the test's own")
+
+    with pytest.raises(LookupError, match="the test's own") as raised:
+        await fail_inside()
+    assert type(raised.value) is LookupError  # not wrapped in an ExceptionGroup
+    assert emulator_tasks() == []
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await apis[0].create()
+
+
+async def test_cancelling_at_any_point_leaves_nothing_behind() -> None:
+    problems: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: problems.append(context))
+    try:
+        with anyio.CancelScope() as before_start:
+            before_start.cancel()
+            async with Emulator(time_scale=0.001):
+                pytest.fail("entered a cancelled scope")
+        assert before_start.cancelled_caught
+        with anyio.CancelScope() as while_serving:
+            async with Emulator(time_scale=0.001, median_duration=3600) as emu:
+                async with aiohttp.ClientSession() as session:
+                    await Api(session, emu).task_id(callback_url="http://127.0.0.1:9/hook")
+                while_serving.cancel()
+                await anyio.sleep_forever()
+        assert while_serving.cancelled_caught
+        assert emulator_tasks() == []
+        gc.collect()  # a task destroyed while pending, an unretrieved error: reported here
+    finally:
+        loop.set_exception_handler(None)
+    assert problems == []
+
+
+async def test_aclose_inside_the_block_stops_it_early(session: aiohttp.ClientSession) -> None:
+    async with Emulator(time_scale=0.001) as emu:
+        api = Api(session, emu)
+        assert (await api.create())[0] == 200
+        await emu.aclose()
+        assert emulator_tasks() == []
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await api.create()
+    assert emu.stats.tasks_created == 1
+
+
+async def test_start_and_aclose_may_run_in_different_tasks() -> None:
+    """The non-block form (a portal, a fixture split across tasks) hosts the group itself."""
+    emu = Emulator(time_scale=0.001)
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(emu.start)
+    assert "kling-emulator" in emulator_tasks()
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(emu.aclose)
+    assert emulator_tasks() == []
+
+
+async def test_a_taken_port_fails_the_block_with_the_os_error() -> None:
+    async with Emulator(time_scale=0.001) as first:
+        port = int(first.url.rsplit(":", 1)[1])
+        with pytest.raises(OSError, match="address already in use"):
+            async with Emulator(port=port):
+                pytest.fail("served on a taken port")
+        assert emulator_tasks().count("kling-emulator") == 1  # the first one's service
+    assert emulator_tasks() == []
 
 
 def test_only_loopback_hosts() -> None:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from kling_async.testing import Emulator
-from tests.test_emulator import TASK_KEYS, Api, eventually, sleep_until
+from tests.test_emulator import TASK_KEYS, Api, emulator_tasks, eventually, sleep_until
 
 pytestmark = pytest.mark.anyio
 
@@ -168,6 +168,10 @@ async def test_pending_callbacks_do_not_outlive_the_emulator() -> None:
             aiohttp.ClientSession() as session,
         ):
             await Api(session, emu).task_id(callback_url=hook.url)
-        # Closed with two callbacks still planned an hour away: nothing left running.
-        await anyio.sleep(0.02)
+            await eventually(lambda: len(hook.bodies) == 1)  # "submitted", sent at once
+            assert "kling-emulator-callbacks" in emulator_tasks()
+        # Closed with two callbacks still planned an hour away: nothing is left that could
+        # send them (the scheduler and its workers have ended with the emulator).
+        assert emulator_tasks() == []
         assert [body["task_status"] for body in hook.bodies] == ["submitted"]
+        assert emu.stats.requests_per_route["callback_sent"] == 1

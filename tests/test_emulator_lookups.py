@@ -5,7 +5,7 @@ is asserted; the page arithmetic under a lag is checked against a plain filter w
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -26,12 +26,6 @@ FORMS: tuple[Callable[[str], tuple[str, dict[str, str]]], ...] = (
     lambda ext: ("", {"external_task_id": ext}),
     lambda ext: (f"/{ext}", {"external_task_id": "true"}),
 )
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def listed(api: Api) -> list[str]:

@@ -269,7 +269,9 @@ def test_arbitrary_bytes_give_a_typed_error_or_data(raw: bytes, status: int) -> 
     try:
         decode_envelope(status, raw)
     except ka.KlingError as exc:
-        assert str(exc)
+        # Undecodable, or a verdict the status and body give: either way it says which answer.
+        assert isinstance(exc, ka.ResponseDecodeError | ka.APIError), repr(exc)
+        assert exc.http_status == status
 
 
 @given(json_values, st.integers(100, 599), st.booleans())

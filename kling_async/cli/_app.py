@@ -23,12 +23,7 @@ from typing import Final, NoReturn
 import anyio
 from rich.console import Console
 
-from kling_async._client import COMETAPI_BASE_URL
-from kling_async._errors import KlingError
-from kling_async._version import __version__
-from kling_async.http.download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_BYTES
-from kling_async.protocol.auth import ENV_API_KEY, ENV_BASE_URL
-from kling_async.protocol.models import Mode
+import kling_async as ka
 
 from ._display import printable
 from ._files import disk_full_message, is_disk_full
@@ -121,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate many Kling text-to-video clips; safe to kill and rerun.",
         allow_abbrev=False,
     )
-    parser.add_argument("--version", action="version", version=f"kling-async {__version__}")
+    parser.add_argument("--version", action="version", version=f"kling-async {ka.__version__}")
     commands = parser.add_subparsers(
         dest="command", metavar="{batch,status,emulator}", required=True, parser_class=_Parser
     )
@@ -142,20 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = batch.add_argument_group("request defaults (a row's own value wins)")
     group.add_argument("--model", metavar="NAME", help="model_name, e.g. kling-v2-6")
-    group.add_argument("--mode", choices=[mode.value for mode in Mode])
+    group.add_argument("--mode", choices=[mode.value for mode in ka.Mode])
     group.add_argument("--duration", metavar="SECONDS", help="clip length, e.g. 5 or 10")
     group.add_argument("--aspect-ratio", metavar="RATIO", help="e.g. 16:9, 9:16, 1:1")
     group = batch.add_argument_group("backend")
     group.add_argument(
         "--api-key",
         metavar="KEY",
-        help=f"CometAPI key (default: ${ENV_API_KEY}; prefer the variable, since command "
+        help="CometAPI key (default: $KLING_API_KEY; prefer the variable, since command "
         "lines are visible to other users)",
     )
     group.add_argument(
         "--base-url",
         metavar="URL",
-        help=f"API base URL (default: ${ENV_BASE_URL}, else {COMETAPI_BASE_URL} for keys "
+        help=f"API base URL (default: $KLING_BASE_URL, else {ka.COMETAPI_BASE_URL} for keys "
         "and Kling's own API for access keys)",
     )
     group.add_argument(
@@ -196,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--max-file-size",
         type=parse_size,
-        default=DEFAULT_MAX_BYTES,
+        default=ka.DEFAULT_MAX_BYTES,
         metavar="SIZE",
         help="refuse larger result files, e.g. 500M, at most 1T (default: 2G)",
     )
@@ -215,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--download-timeout",
         type=_seconds(MAX_DOWNLOAD_TIMEOUT),
-        default=DEFAULT_DOWNLOAD_TIMEOUT,
+        default=ka.DEFAULT_DOWNLOAD_TIMEOUT,
         metavar="SECONDS",
         help="give up on a file that has not arrived in this time, retries included "
-        f"(default: {DEFAULT_DOWNLOAD_TIMEOUT:g})",
+        f"(default: {ka.DEFAULT_DOWNLOAD_TIMEOUT:g})",
     )
     group = batch.add_argument_group("run")
     group.add_argument(
@@ -346,7 +341,7 @@ def _log_to_stderr(*, verbose: bool) -> Iterator[None]:
 
 def _first_known(exc: BaseException) -> BaseException | None:
     """The error a person can act on, out of a task group's exception group."""
-    if isinstance(exc, KlingError | JournalError | OSError):
+    if isinstance(exc, ka.KlingError | JournalError | OSError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
@@ -368,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["emulator"]:
         # Printing its own throwaway URL and key is that command's whole point.
-        from ..testing._cli import main as emulator_main
+        from kling_async.testing import main as emulator_main
 
         return emulator_main(arguments[1:], prog="kling-async emulator")
     redact = Redactor(secrets_in(arguments, os.environ))

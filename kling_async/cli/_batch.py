@@ -32,23 +32,9 @@ import anyio
 import anyio.abc
 import attrs
 
-from kling_async._client import KlingClient
-from kling_async._errors import (
-    AccountError,
-    AuthenticationError,
-    InvalidRequestError,
-    KlingError,
-    PolicyError,
-    TaskNotFoundError,
-    UnreachableError,
-)
-from kling_async.engine.jobs import Job, JobEvent, JobStatus
-from kling_async.http.download import DEFAULT_DOWNLOAD_TIMEOUT, PART_SUFFIX
-from kling_async.protocol.models import Task
-from kling_async.protocol.profiles import UnknownModelWarning
-from kling_async.protocol.retry import RetryPolicy
+import kling_async as ka
 
-from ._files import disk_full_message, is_disk_full
+from ._files import PART_SUFFIX, disk_full_message, is_disk_full
 from ._journal import Journal, JournalError, JournalRow, Preparation
 from ._progress import Reporter
 from ._rows import Phase, RowState
@@ -75,9 +61,9 @@ class DownloadSettings:
     max_bytes: int
     allowed_hosts: frozenset[str] | None = None
     allow_private: bool = False
-    timeout: float = DEFAULT_DOWNLOAD_TIMEOUT
+    timeout: float = ka.DEFAULT_DOWNLOAD_TIMEOUT
     concurrency: int = 4
-    retry: RetryPolicy | None = None
+    retry: ka.RetryPolicy | None = None
 
 
 @attrs.frozen
@@ -87,9 +73,9 @@ class BatchOutcome:
     error that ended rows because the API host could not be reached, if one did."""
 
     states: tuple[RowState, ...]
-    fatal: KlingError | None
+    fatal: ka.KlingError | None
     disk_full: bool = False
-    unreachable: UnreachableError | None = None
+    unreachable: ka.UnreachableError | None = None
 
 
 def _sha256_of(path: Path) -> str | None:
@@ -182,7 +168,7 @@ class BatchRunner:
 
     def __init__(
         self,
-        kling: KlingClient,
+        kling: ka.KlingClient,
         journal: Journal,
         preparation: Preparation,
         states: Sequence[RowState],
@@ -199,17 +185,17 @@ class BatchRunner:
         self._downloads = downloads
         self._reporter = reporter
         self._writer = JournalWriter(journal)
-        self._by_job: dict[Job, RowState] = {}
+        self._by_job: dict[ka.Job, RowState] = {}
         self._open = 0
         self._finished = anyio.Event()
         self._download_slots = anyio.Semaphore(downloads.concurrency)
         self._task_group: anyio.abc.TaskGroup | None = None
-        self.fatal: KlingError | None = None
+        self.fatal: ka.KlingError | None = None
         #: Rows the account-level error kept from being sent (reported as one count).
         self._not_sent = 0
         self._disk_full = False
         #: Rows ended because the API host could not be reached (one line, one count).
-        self.unreachable: UnreachableError | None = None
+        self.unreachable: ka.UnreachableError | None = None
         self._unreached = 0
 
     # --- the run ------------------------------------------------------------------------------
@@ -299,14 +285,14 @@ class BatchRunner:
             ]
             with warnings.catch_warnings():
                 # Unknown model names were reported once when the file was read.
-                warnings.simplefilter("ignore", UnknownModelWarning)
+                warnings.simplefilter("ignore", ka.UnknownModelWarning)
                 jobs = self._kling.submit_many(requests, resume=resume)
             for state, job in zip(group, jobs, strict=True):
                 self._watch(state, job)
         if self._open == 0:
             self._finished.set()
 
-    def _watch(self, state: RowState, job: Job) -> None:
+    def _watch(self, state: RowState, job: ka.Job) -> None:
         state.job = job
         self._by_job[job] = state
 
@@ -317,7 +303,7 @@ class BatchRunner:
 
     # --- events -------------------------------------------------------------------------------
 
-    def _on_event(self, state: RowState, event: JobEvent) -> None:
+    def _on_event(self, state: RowState, event: ka.JobEvent) -> None:
         task = event.task
         changes: dict[str, object] = {}
         if task is not None and state.task_id != task.task_id:
@@ -333,13 +319,13 @@ class BatchRunner:
                 state.record = attrs.evolve(state.record, submitted_at=submitted_at)
         status = event.status
         key = state.row.key
-        if status in (JobStatus.SUBMITTED, JobStatus.PROCESSING, JobStatus.UNKNOWN):
-            phase = Phase.PROCESSING if status is JobStatus.PROCESSING else Phase.SUBMITTED
+        if status in (ka.JobStatus.SUBMITTED, ka.JobStatus.PROCESSING, ka.JobStatus.UNKNOWN):
+            phase = Phase.PROCESSING if status is ka.JobStatus.PROCESSING else Phase.SUBMITTED
             changes["status"] = phase.value
             self._writer.update(key, **changes)
             if state.move(phase):
                 self._reporter.changed(state, f"{phase.value} (task {state.task_id})")
-        elif status is JobStatus.SUCCEEDED and task is not None:
+        elif status is ka.JobStatus.SUCCEEDED and task is not None:
             video = task.video
             changes.update(
                 status="succeeded",
@@ -348,12 +334,12 @@ class BatchRunner:
             )
             self._writer.update(key, **changes)
             self._start_download(state, task)
-        elif status is JobStatus.FAILED and task is not None:
+        elif status is ka.JobStatus.FAILED and task is not None:
             reason = task.status_message or "the task failed (no reason given)"
             changes.update(status="failed", error=reason, finished_at=time.time())
             self._writer.update(key, **changes)
             self._end(state, Phase.FAILED, reason)
-        elif status is JobStatus.ERROR:
+        elif status is ka.JobStatus.ERROR:
             self._on_error(state, event.job.error, changes)
 
     def _on_error(
@@ -362,7 +348,7 @@ class BatchRunner:
         text = str(error) if error is not None else "the job ended without a result"
         changes["error"] = text
         phase = Phase.ERROR
-        if isinstance(error, AccountError | AuthenticationError):
+        if isinstance(error, ka.AccountError | ka.AuthenticationError):
             if self.fatal is None:
                 self.fatal = error
                 self._reporter.note(f"stopping submissions: {error}")
@@ -375,7 +361,7 @@ class BatchRunner:
                 self._not_sent += 1
                 self._end(state, Phase.ERROR, text, quiet=True)
                 return
-        elif isinstance(error, UnreachableError):
+        elif isinstance(error, ka.UnreachableError):
             if self.unreachable is None:
                 self.unreachable = error
                 self._reporter.note(f"giving up: {error}")
@@ -387,8 +373,8 @@ class BatchRunner:
             self._end(state, Phase.ERROR, text, quiet=True)
             return
         elif (
-            isinstance(error, PolicyError | InvalidRequestError)
-            and not isinstance(error, TaskNotFoundError)
+            isinstance(error, ka.PolicyError | ka.InvalidRequestError)
+            and not isinstance(error, ka.TaskNotFoundError)
             and state.task_id is None
         ):
             # The server refused this request: sending it again would be refused again.
@@ -406,12 +392,12 @@ class BatchRunner:
 
     # --- downloads ----------------------------------------------------------------------------
 
-    def _start_download(self, state: RowState, task: Task) -> None:
+    def _start_download(self, state: RowState, task: ka.Task) -> None:
         assert self._task_group is not None
         state.task_id = task.task_id
         self._task_group.start_soon(self._download, state, task)
 
-    async def _download(self, state: RowState, task: Task) -> None:
+    async def _download(self, state: RowState, task: ka.Task) -> None:
         settings = self._downloads
         async with self._download_slots:
             state.move(Phase.DOWNLOADING)
@@ -426,7 +412,7 @@ class BatchRunner:
                     timeout=settings.timeout,
                     retry=settings.retry,
                 )
-            except (KlingError, OSError) as exc:
+            except (ka.KlingError, OSError) as exc:
                 if is_disk_full(exc):
                     self._disk_full = True
                     message = f"download failed: {disk_full_message(self._out)}"

@@ -25,9 +25,8 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from kling_async.http.download import replace_durably
-
 __all__ = [
+    "PART_SUFFIX",
     "FileError",
     "check_not_link",
     "disk_full_message",
@@ -41,6 +40,9 @@ __all__ = [
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _TEMPORARY: Final = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
+#: How the temporary file of a download ends (``KlingClient.download`` streams a clip to
+#: ``.NAME.<random>.part`` beside its target, then renames it): a killed batch may leave one.
+PART_SUFFIX: Final = ".part"
 
 
 class FileError(Exception):
@@ -102,6 +104,21 @@ def replace_file(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def replace_durably(temporary: Path, target: Path) -> None:
+    """Rename into place, then sync the directory so the rename itself survives a crash."""
+    os.replace(temporary, target)
+    try:
+        directory = os.open(target.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - a platform without directory handles (Windows)
+        return
+    try:
+        os.fsync(directory)
+    except OSError:  # pragma: no cover - some file systems refuse to sync a directory
+        pass
+    finally:
+        os.close(directory)
 
 
 def remove_stale_temporaries(directory: Path, name: str) -> None:

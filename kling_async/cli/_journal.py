@@ -16,8 +16,13 @@ The protocol, and why each step is there:
 
 A row is keyed by what it asks for, not where it is (see :class:`~._prompts.PromptRow`), so
 lines inserted or removed above it never make it another row; its number and line follow the
-file. Schema 2 keys rows that way; a schema-1 journal (keyed by position) is migrated when a
-batch opens it, each row's key recomputed from its stored request, in row order.
+file. Schema 3 keys rows that way, with the request hash taken of the request's public
+``to_dict()``. Older journals are migrated in place when a batch opens them, in one
+transaction, keeping every row's ``external_task_id`` and ``task_id`` (so a rerun resubmits
+nothing): schema 2 (the same keys, hashed from the request's wire body) has each stored
+request re-read and re-hashed, its key keeping its occurrence number; schema 1 (keyed by
+position) has each key recomputed from the stored request, in row order. Read-only opens
+(``status``, ``--dry-run``) make the same conversion in memory and write nothing.
 
 WAL mode with ``synchronous=FULL`` makes every commit durable when it returns while letting
 ``kling-async status`` read the journal of a running batch. A lock file next to the journal
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import sqlite3
@@ -43,7 +49,7 @@ import attrs
 
 from . import _files
 from ._naming import clip_name, unique_name
-from ._prompts import PromptRow, request_hash, row_key
+from ._prompts import PromptRow, canonical_json, request_from_body, request_hash, row_key
 
 __all__ = [
     "JOURNAL_NAME",
@@ -55,9 +61,10 @@ __all__ = [
 ]
 
 JOURNAL_NAME: Final = "kling-journal.sqlite3"
-SCHEMA_VERSION: Final = "2"
-#: Schema 1 keyed rows by position ("#3"); it is migrated (see the module docstring).
-_MIGRATED: Final = ("1",)
+SCHEMA_VERSION: Final = "3"
+#: Schema 1 keyed rows by position ("#3"); schema 2 hashed the wire body of a request, not
+#: its ``to_dict()``. Both are migrated (see the module docstring).
+_MIGRATED: Final = ("1", "2")
 
 #: pending: journaled, maybe POSTed (a rerun looks it up by external id before creating);
 #: submitted / processing: the task exists (task_id known); succeeded: the task made its video,
@@ -222,8 +229,8 @@ class Preparation:
 
 
 def migrated_keys(records: Iterable[JournalRow]) -> list[str]:
-    """Schema-2 keys for schema-1 rows given in row order: a row's own id stays its key; any
-    other row's is the hash of its stored request and its occurrence among identical ones."""
+    """Keys for schema-1 rows given in row order: a row's own id stays its key; any other
+    row's is the hash of its stored request and its occurrence among identical ones."""
     occurrences: dict[str, int] = {}
     keys = []
     for record in records:
@@ -234,6 +241,35 @@ def migrated_keys(records: Iterable[JournalRow]) -> list[str]:
         occurrences[digest] = occurrences.get(digest, 0) + 1
         keys.append(row_key(None, digest, occurrences[digest]))
     return keys
+
+
+def rehashed(record: JournalRow) -> JournalRow:
+    """A row of a schema-1 or -2 journal with its request as schema 3 stores it: the JSON
+    and hash of the request's ``to_dict()`` instead of its wire body. The key is left alone
+    (the caller re-keys); the job's ids and state are kept."""
+    request = request_from_body(json.loads(record.request_json))
+    encoded = canonical_json(request)
+    return attrs.evolve(record, request_json=encoded, request_hash=request_hash(encoded))
+
+
+def upgraded(records: Sequence[JournalRow], version: str) -> list[JournalRow]:
+    """Rows of a schema-``version`` journal (in row order) as schema 3 has them.
+
+    Schema 2 keys are ``<hash>#<n>``: equal requests had equal wire bodies and have equal
+    ``to_dict()`` forms, so ``n`` (the occurrence among them) carries over to the new hash.
+    Schema 1 keys are positions: they are recomputed in row order.
+    """
+    converted = [rehashed(record) for record in records]
+    if version == "1":
+        keys = migrated_keys(converted)
+    else:
+        keys = [
+            record.key
+            if record.key.startswith("id:")
+            else row_key(None, record.request_hash, int(record.key.rpartition("#")[2]))
+            for record in converted
+        ]
+    return [attrs.evolve(record, key=key) for record, key in zip(converted, keys, strict=True)]
 
 
 def _companions(path: Path) -> tuple[Path, ...]:
@@ -285,15 +321,15 @@ class Journal:
         self._db = connection
         self._lock_fd = lock_fd
         self.meta: dict[str, str] = dict(self._db.execute("SELECT key, value FROM meta"))
-        #: A schema-1 journal opened read-only: keys are recomputed on every read instead.
-        self._positional = False
+        #: An older journal opened read-only: its rows are converted on every read instead.
+        self._legacy: str | None = None
         self._has_duplicate_column = _has_column(connection, "possible_duplicate")
         version = self.meta.get("schema", SCHEMA_VERSION)
         if version in _MIGRATED:
             if writable:
-                self._migrate()
+                self._migrate(version)
             else:
-                self._positional = True
+                self._legacy = version
         elif version != SCHEMA_VERSION:
             self.close()
             raise JournalError(
@@ -367,27 +403,44 @@ class Journal:
             f"SELECT {columns} FROM rows ORDER BY number, rowid"  # noqa: S608
         )
         records = [_row(record) for record in cursor]
-        if self._positional:
-            keys = migrated_keys(records)
-            records = [attrs.evolve(r, key=k) for r, k in zip(records, keys, strict=True)]
+        if self._legacy is not None:
+            records = upgraded(records, self._legacy)
         return {record.key: record for record in records}
 
-    def _migrate(self) -> None:
-        """Schema 1 to 2, in one transaction: keys by content, and the id counter."""
-        records = list(self.rows().values())
-        keys = migrated_keys(records)
-        counter = max([record.number for record in records], default=0) + 1
+    def _migrate(self, version: str) -> None:
+        """Schema 1 or 2 to 3, in one transaction: keys by content, request hashes of
+        ``to_dict()``, and (from schema 1) the id counter."""
+        self._legacy = version
+        try:
+            old = list(self.rows().values())  # in row order, converted
+        finally:
+            self._legacy = None
+        columns = _COLUMNS if self._has_duplicate_column else _OLD_COLUMNS
+        keys = [
+            row[0]
+            for row in self._db.execute(
+                f"SELECT {columns} FROM rows ORDER BY number, rowid"  # noqa: S608
+            )
+        ]
+        meta = [("schema", SCHEMA_VERSION)]
+        if "next_id" not in self.meta:
+            meta.append(("next_id", str(max([r.number for r in old], default=0) + 1)))
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
+            # Keys move in two steps, so a new key never collides with an old one not yet moved.
             db.executemany(
                 "UPDATE rows SET row_key = ? WHERE row_key = ?",
-                [(key, r.key) for r, key in zip(records, keys, strict=True) if key != r.key],
+                [(f"migrating:{index}", key) for index, key in enumerate(keys)],
             )
             db.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [("schema", SCHEMA_VERSION), ("next_id", str(counter))],
+                "UPDATE rows SET row_key = ?, request_hash = ?, request_json = ? WHERE row_key = ?",
+                [
+                    (r.key, r.request_hash, r.request_json, f"migrating:{index}")
+                    for index, r in enumerate(old)
+                ],
             )
+            db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta)
             if not self._has_duplicate_column:
                 db.execute(
                     "ALTER TABLE rows ADD COLUMN possible_duplicate INTEGER NOT NULL DEFAULT 0"

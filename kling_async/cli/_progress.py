@@ -36,7 +36,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from kling_async._client import ClientStats
+import kling_async as ka
 
 from ._display import plain, printable
 from ._rows import GROUPS, Phase, RowState, tally
@@ -50,7 +50,7 @@ _ACTIVE_ROWS_SHOWN = 8
 class Reporter(Protocol):
     """What the batch runner tells the display."""
 
-    def attach(self, states: Sequence[RowState], stats: Callable[[], ClientStats]) -> None: ...
+    def attach(self, states: Sequence[RowState], stats: Callable[[], ka.ClientStats]) -> None: ...
 
     def changed(self, state: RowState, message: str | None) -> None:
         """A row moved; ``message`` says how, in words (None: count it, say nothing, as for
@@ -96,7 +96,7 @@ class PlainProgress:
         # 100,000-row batch quadratic.
         self._finished: set[int] = set()
 
-    def attach(self, states: Sequence[RowState], stats: Callable[[], ClientStats]) -> None:
+    def attach(self, states: Sequence[RowState], stats: Callable[[], ka.ClientStats]) -> None:
         self._total = len(states)
         self._finished = {state.row.number for state in states if state.phase.is_final}
 
@@ -131,7 +131,7 @@ class LiveProgress:
     def __init__(self, console: Console) -> None:
         self._console = console
         self._states: Sequence[RowState] = ()
-        self._stats: Callable[[], ClientStats] | None = None
+        self._stats: Callable[[], ka.ClientStats] | None = None
         self._progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -145,7 +145,7 @@ class LiveProgress:
         self._task: TaskID | None = None
         self._live: Live | None = None
 
-    def attach(self, states: Sequence[RowState], stats: Callable[[], ClientStats]) -> None:
+    def attach(self, states: Sequence[RowState], stats: Callable[[], ka.ClientStats]) -> None:
         self._states = states
         self._stats = stats
         earlier = sum(state.earlier for state in states)

@@ -1,10 +1,10 @@
 """Prompt files: ``.txt`` (one prompt a line), ``.jsonl`` and ``.csv`` (one request a row).
 
 ``.txt`` skips blank lines and lines starting with ``#``. ``.jsonl`` rows are JSON objects and
-``.csv`` files have a header row; both name :class:`Text2VideoRequest` fields (a CSV cell for
-``camera_control`` or ``extra`` holds JSON, an empty cell leaves the field unset). A CSV row is
-one physical line: a quoted cell that runs on to the next line is nearly always a stray quote
-that would merge rows, so it is an error, not a multi-line prompt.
+``.csv`` files have a header row; both name :class:`~kling_async.Text2VideoRequest` fields (a
+CSV cell for ``camera_control`` or ``extra`` holds JSON, an empty cell leaves the field unset).
+A CSV row is one physical line: a quoted cell that runs on to the next line is nearly always a
+stray quote that would merge rows, so it is an error, not a multi-line prompt.
 
 The whole file is read and every row validated, against the same backend profile the client
 will use, before anything is sent: an overnight batch that dies on row 212 of 300 because of a
@@ -26,10 +26,7 @@ from typing import Any, Final
 
 import attrs
 
-from kling_async._errors import ValidationError, short_repr
-from kling_async.protocol.converter import request_body
-from kling_async.protocol.models import Text2VideoRequest
-from kling_async.protocol.profiles import BackendProfile
+import kling_async as ka
 
 __all__ = [
     "FORMATS",
@@ -44,13 +41,19 @@ __all__ = [
 FORMATS: Final = (".txt", ".jsonl", ".csv")
 #: Fields a row may set: every Text2VideoRequest field (``extra`` carries the ones this SDK
 #: does not know yet, e.g. ``{"sound": "on"}``).
-FIELDS: Final = tuple(field.name for field in attrs.fields(Text2VideoRequest))
+FIELDS: Final = tuple(field.name for field in attrs.fields(ka.Text2VideoRequest))
 _JSON_CELLS: Final = ("camera_control", "extra")
 _NUMBER_CELLS: Final = ("cfg_scale",)
 _MAX_SHOWN: Final = 30
 #: JSON nested deeper than this is refused (requests are a few levels deep): deeper values
 #: would only exhaust the recursion of the JSON parser, ``repr`` and the encoder.
 MAX_JSON_DEPTH: Final = 64
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """repr() cut to ``limit`` characters: one huge cell must not flood the list of problems."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @attrs.frozen
@@ -96,11 +99,17 @@ class Defaults:
         return fields
 
 
-def canonical_json(request: Text2VideoRequest) -> str:
-    """The request as Kling will receive it, canonically encoded (the journal keeps it)."""
-    return json.dumps(
-        request_body(request), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+def canonical_json(request: ka.Text2VideoRequest) -> str:
+    """The request's public ``to_dict()``, canonically encoded: what the request hash is of."""
+    return json.dumps(request.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_from_body(body: Mapping[str, Any]) -> ka.Text2VideoRequest:
+    """The request a wire body was made from (journals of schema 1 and 2 stored bodies): the
+    declared fields by name, every other key in ``extra``, as the body merged them."""
+    known = {key: value for key, value in body.items() if key in FIELDS and key != "extra"}
+    extra = {key: value for key, value in body.items() if key not in known}
+    return ka.Text2VideoRequest(**known, extra=extra)
 
 
 def request_hash(request_json: str) -> str:
@@ -127,7 +136,7 @@ class PromptRow:
 
     number: int
     line: int
-    request: Text2VideoRequest
+    request: ka.Text2VideoRequest
     occurrence: int = 1
     request_json: str = attrs.field(
         default=attrs.Factory(lambda self: canonical_json(self.request), takes_self=True)
@@ -236,12 +245,12 @@ def _csv_cell(field: str, cell: str) -> Any:
         try:
             return float(cell)
         except ValueError:
-            raise ValidationError(field, cell, "must be a number") from None
+            raise ka.ValidationError(field, cell, "must be a number") from None
     if field in _JSON_CELLS:
         try:
             return _json(cell)
         except ValueError as exc:
-            raise ValidationError(field, cell, f"must be a JSON object ({exc})") from None
+            raise ka.ValidationError(field, cell, f"must be a JSON object ({exc})") from None
     return cell
 
 
@@ -311,22 +320,22 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
             for column, cell in zip(columns, record, strict=True):
                 if cell.strip() or column == "prompt":
                     fields[column] = _csv_cell(column, cell)
-        except ValidationError as exc:
+        except ka.ValidationError as exc:
             yield start, Problem(start, str(exc))
             continue
         yield start, fields
 
 
-def _build(fields: Mapping[str, Any], defaults: Defaults) -> Text2VideoRequest:
+def _build(fields: Mapping[str, Any], defaults: Defaults) -> ka.Text2VideoRequest:
     unknown = [name for name in fields if name not in FIELDS]
     if unknown:
         raise ValueError(_field_problem(str(unknown[0])))
     if "prompt" not in fields:
-        raise ValidationError("prompt", None, "is required")
-    return Text2VideoRequest(**defaults.apply(dict(fields)))
+        raise ka.ValidationError("prompt", None, "is required")
+    return ka.Text2VideoRequest(**defaults.apply(dict(fields)))
 
 
-def load_prompts(path: Path, defaults: Defaults, profile: BackendProfile) -> PromptFile:
+def load_prompts(path: Path, defaults: Defaults, profile: ka.BackendProfile) -> PromptFile:
     """Read and validate the whole file; raise :class:`PromptFileError` listing every problem.
 
     Rows are checked as the client will check them (model rules, then ``profile``'s limits),

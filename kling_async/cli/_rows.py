@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from kling_async.engine.jobs import Job
+import kling_async as ka
 
 from ._journal import JournalRow
 from ._prompts import PromptRow
@@ -19,7 +19,6 @@ __all__ = ["GROUPS", "Phase", "RowState", "tally"]
 
 class Phase(enum.StrEnum):
     WAITING = "waiting"  # queued behind the client's limits
-    SUBMITTING = "submitting"
     SUBMITTED = "submitted"
     PROCESSING = "processing"
     DOWNLOADING = "downloading"
@@ -41,7 +40,6 @@ class Phase(enum.StrEnum):
 _FINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.REJECTED, Phase.ERROR, Phase.CHANGED})
 _GROUP = {
     Phase.WAITING: "queued",
-    Phase.SUBMITTING: "queued",
     Phase.SUBMITTED: "running",
     Phase.PROCESSING: "running",
     Phase.DOWNLOADING: "downloading",
@@ -65,7 +63,7 @@ class RowState:
     since: float = attrs.field(factory=time.monotonic)
     task_id: str | None = None
     error: str | None = None
-    job: Job | None = None
+    job: ka.Job | None = None
     #: Finished before this run started (skipped, not counted in this run's speed).
     earlier: bool = False
     #: When this run started working on the row (monotonic), for the live view.
@@ -84,7 +82,6 @@ class RowState:
     @property
     def active(self) -> bool:
         return self.phase in (
-            Phase.SUBMITTING,
             Phase.SUBMITTED,
             Phase.PROCESSING,
             Phase.DOWNLOADING,

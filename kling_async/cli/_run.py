@@ -25,7 +25,7 @@ import anyio
 import attrs
 from rich.console import Console
 
-from kling_async._errors import KlingError, UnreachableError
+import kling_async as ka
 
 from . import _files
 from ._batch import BatchRunner, remove_stale_parts, verify_done
@@ -78,10 +78,10 @@ class _Run:
 
     preparation: Preparation | None = None
     states: list[RowState] = attrs.Factory(list)
-    fatal: KlingError | None = None
+    fatal: ka.KlingError | None = None
     interrupted: bool = False
     disk_full: bool = False
-    unreachable: UnreachableError | None = None
+    unreachable: ka.UnreachableError | None = None
 
 
 def restart_rule(

@@ -22,18 +22,29 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from kling_async._client import COMETAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
-from kling_async._errors import ValidationError
+from kling_async import (
+    COMETAPI,
+    COMETAPI_BASE_URL,
+    OFFICIAL,
+    OFFICIAL_BASE_URL,
+    BackendProfile,
+    KlingClient,
+    PollPolicy,
+    RetryPolicy,
+    ValidationError,
+)
 from kling_async.http.download import check_allowed_hosts
 from kling_async.http.transport import redact_url
-from kling_async.protocol.auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_BASE_URL, ENV_SECRET_KEY
-from kling_async.protocol.poll import PollPolicy
-from kling_async.protocol.profiles import COMETAPI, OFFICIAL, BackendProfile
-from kling_async.protocol.retry import RetryPolicy
 
 from ._batch import DownloadSettings
 from ._journal import journal_path
 from ._prompts import Defaults
+
+# The variables the SDK reads (documented in the README); named here for messages only.
+ENV_API_KEY: Final = "KLING_API_KEY"
+ENV_ACCESS_KEY: Final = "KLING_ACCESS_KEY"
+ENV_SECRET_KEY: Final = "KLING_SECRET_KEY"  # noqa: S105 (a variable name, not a secret)
+ENV_BASE_URL: Final = "KLING_BASE_URL"
 
 __all__ = [
     "EMULATOR_STATE_NAME",

@@ -9,20 +9,31 @@ after the job's terminal change, or when the client closes.
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
 
 import anyio
 import attrs
 
-from kling_async._errors import ClientClosedError, TaskFailedError
+from kling_async._errors import (
+    ClientClosedError,
+    RestoredError,
+    TaskFailedError,
+)
 from kling_async.protocol.models import Task, TaskStatus, Text2VideoRequest
 
-if TYPE_CHECKING:
-    from kling_async.protocol.schedule import ClassKey
-
-__all__ = ["EventHub", "Job", "JobEvent", "JobStatus", "as_completed"]
+__all__ = [
+    "EventHub",
+    "error_message",
+    "error_type",
+    "Job",
+    "JobEvent",
+    "JobStatus",
+    "as_completed",
+]
 
 T = TypeVar("T")
 
@@ -31,7 +42,7 @@ class JobStatus(enum.StrEnum):
     """Where a job stands: Kling's task statuses plus the client-side ones around them."""
 
     QUEUED = "queued"  # waiting behind the client's limits
-    SUBMITTING = "submitting"  # create in flight
+    SUBMITTING = "submitting"  # holding a slot, its create on its way
     SUBMITTED = "submitted"
     PROCESSING = "processing"
     SUCCEEDED = "succeed"
@@ -85,37 +96,55 @@ class _Feed(Generic[T]):
 
 @attrs.frozen
 class JobEvent:
-    """A status change: ``status`` is the job's new status and ``task`` the new snapshot, or
-    None for a job that ended without one (rejected before submission: ``job.error`` says
-    why)."""
+    """One state change of a job: ``status`` is the job's new status, ``task`` the snapshot at
+    that moment (None before the job has a task, and for a job that ended without one, where
+    ``error`` says why) and ``error`` the error a job ended with (else None)."""
 
     job: Job
     task: Task | None
     status: JobStatus
+    error: BaseException | None = None
+
+
+def error_type(error: BaseException) -> str:
+    """The class name an error is reported under (a restored one keeps its original)."""
+    return error.error_type if isinstance(error, RestoredError) else type(error).__name__
+
+
+def error_message(error: BaseException) -> str:
+    return error.message if isinstance(error, RestoredError) else str(error)
+
+
+def _utc(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
 
 
 class Job:
     """One clip on its way: queued, submitted, followed until it ends.
 
-    ``task_id`` and ``external_task_id`` are set as soon as known; persist them to resume with
-    :meth:`KlingClient.track` after a restart. ``task`` is the latest snapshot (or None).
+    ``id`` is the job's id, stable from the moment it is submitted (its ``external_task_id``;
+    for a job that follows a task created elsewhere, the task id): persist it, or the
+    ``task_id`` once known, to find the job again with :meth:`KlingClient.job` or to resume it
+    with :meth:`KlingClient.track` after a restart. ``task`` is the latest snapshot (or None),
+    ``error`` what a job that ended without a result ended with. Jobs are made by the client
+    (:meth:`KlingClient.submit`, :meth:`KlingClient.track`), never directly.
     """
 
     __slots__ = (
         "_done_callbacks",
+        "_ended",
+        "_engine",
         "_feeds",
         "_hub",
+        "_last",
+        "_made",
         "_status",
-        "class_key",
-        "ended_at",
+        "_updated",
         "error",
         "external_task_id",
-        "measured",
-        "poll_age",
-        "poll_token",
+        "id",
         "possible_duplicate",
         "request",
-        "started_at",
         "task",
         "task_id",
     )
@@ -123,13 +152,15 @@ class Job:
     def __init__(
         self,
         hub: EventHub,
+        job_id: str,
         *,
         request: Text2VideoRequest | None = None,
         task_id: str | None = None,
         external_task_id: str | None = None,
-        class_key: ClassKey = ("", "", ""),
+        engine: object = None,
     ) -> None:
         self._hub = hub
+        self.id = job_id
         self.request = request
         self.task_id = task_id
         self.external_task_id = external_task_id
@@ -140,21 +171,16 @@ class Job:
         #: repeated external_task_id. ``task`` is the one this job follows.
         self.possible_duplicate = False
         self._status = JobStatus.QUEUED
-        self._feeds: list[_Feed[Task]] | None = None
+        self._feeds: list[_Feed[JobEvent]] | None = None
         self._done_callbacks: list[Callable[[Job], None]] | None = None
-        self.class_key = class_key
-        # Poll bookkeeping, owned by the poller pool (monotonic seconds).
-        self.started_at = 0.0
-        self.measured = False  # True when started_at is our own submission time
-        self.poll_age = 0.0
-        self.poll_token = 0
-        self.ended_at: float | None = None
+        #: The engine's own record of this job (schedule, slot, create state): not public.
+        self._engine = engine
+        self._made = self._updated = time.time()
+        self._ended: float | None = None
+        self._last = JobEvent(self, None, JobStatus.QUEUED)
 
     def __repr__(self) -> str:
-        return (
-            f"Job(task_id={self.task_id!r}, external_task_id={self.external_task_id!r}, "
-            f"status={self._status.value!r})"
-        )
+        return f"Job(id={self.id!r}, task_id={self.task_id!r}, status={self._status.value!r})"
 
     @property
     def status(self) -> JobStatus:
@@ -164,41 +190,71 @@ class Job:
     def done(self) -> bool:
         return self._status.is_terminal
 
-    # --- state changes, called by the engine --------------------------------------------------
+    @property
+    def created_at(self) -> datetime:
+        """When the job was made (submitted, tracked or loaded), UTC."""
+        created = _utc(self._made)
+        assert created is not None
+        return created
 
-    def _set_status(self, status: JobStatus) -> None:
+    @property
+    def updated_at(self) -> datetime:
+        """When the job's state last changed, UTC."""
+        updated = _utc(self._updated)
+        assert updated is not None
+        return updated
+
+    @property
+    def ended_at(self) -> datetime | None:
+        """When this client saw the job end, UTC (None while it runs)."""
+        return _utc(self._ended)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready snapshot of the job, for web apps and logs: ids, status, the request
+        and the latest task (through the one converter), the error's type and message (free
+        of secrets), and ISO 8601 timestamps."""
+        error, ended = self.error, self.ended_at
+        return {
+            "id": self.id,
+            "status": self._status.value,
+            "task_id": self.task_id,
+            "external_task_id": self.external_task_id,
+            "possible_duplicate": self.possible_duplicate,
+            "request": None if self.request is None else self.request.to_dict(),
+            "task": None if self.task is None else self.task.to_dict(),
+            "error": (
+                None
+                if error is None
+                else {"type": error_type(error), "message": error_message(error)}
+            ),
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "ended_at": None if ended is None else ended.isoformat(),
+        }
+
+    # --- state changes, made by the engine's tracker only ---------------------------------
+
+    def _restore(self, status: JobStatus, made: float, updated: float) -> None:
+        """Take the state a job store saved (nothing is announced: nothing changed)."""
         self._status = status
+        self._made = made or self._made
+        self._updated = updated or self._updated
+        if status.is_terminal:
+            self._ended = self._updated
+        self._last = JobEvent(self, self.task, status, self.error)
 
-    def _observe(self, task: Task) -> bool:
-        """Record a snapshot; True if it changed the status (and was announced)."""
-        if self.done:
-            return False
-        self.task = task
-        self.task_id = task.task_id
-        if task.external_task_id and not self.external_task_id:
-            self.external_task_id = task.external_task_id
-        status = JobStatus.of(task.status)
-        if status is self._status:
-            return False
+    def _change(self, status: JobStatus, task: Task | None, *, at: float | None = None) -> None:
+        """Move to ``status`` and announce it (to ``updates()``, ``events()`` and, at the
+        end, to ``wait()`` and ``as_completed()``)."""
         self._status = status
-        self._announce(task)
-        return True
-
-    def _fail(self, error: BaseException) -> None:
-        """End the job without a result (the task, if any, is kept on ``.task``)."""
-        if self.done:
-            return
-        self.error = error
-        self._status = JobStatus.ERROR
-        # The snapshot is not new: updates() already had it, so only the event carries it.
-        self._announce(self.task, new_snapshot=False)
-
-    def _announce(self, task: Task | None, *, new_snapshot: bool = True) -> None:
-        if new_snapshot and task is not None and self._feeds:
-            for feed in self._feeds:
-                feed.push(task)
-        self._hub.publish(JobEvent(self, task, self._status))
-        if self.done:
+        self._updated = time.time() if at is None else at
+        if status.is_terminal:
+            self._ended = self._updated
+        event = self._last = JobEvent(self, task, status, self.error)
+        for feed in self._feeds or ():
+            feed.push(event)
+        self._hub.publish(event)
+        if status.is_terminal:
             self._settle()
 
     def _settle(self) -> None:
@@ -229,15 +285,15 @@ class Job:
         if self._status is JobStatus.ERROR and self.error is not None:
             raise self.error
         raise ClientClosedError(
-            f"job {self.task_id or self.external_task_id} has not ended "
-            f"(status {self._status.value}); the client closed before it did"
+            f"job {self.id} has not ended (status {self._status.value}); "
+            "the client closed before it did"
         )
 
     async def wait(self) -> Task:
         """The terminal task. Raises :class:`TaskFailedError` if the task failed, the job's
         error if it never produced a task, :class:`ClientClosedError` if the client closed."""
         if not self.done and not self._hub.closed:
-            feed: _Feed[Task] = _Feed()
+            feed: _Feed[JobEvent] = _Feed()
             self._attach(feed)
             try:
                 while not feed.closed:
@@ -246,34 +302,34 @@ class Job:
                 self._detach(feed)
         return self.result()
 
-    def _attach(self, feed: _Feed[Task]) -> None:
+    def _attach(self, feed: _Feed[JobEvent]) -> None:
         self._feeds = [*(self._feeds or ()), feed]
         self._hub.listening.add(feed)
 
-    def _detach(self, feed: _Feed[Task]) -> None:
+    def _detach(self, feed: _Feed[JobEvent]) -> None:
         if self._feeds and feed in self._feeds:
             self._feeds.remove(feed)
             if not self._feeds:
                 self._feeds = None
         self._hub.listening.discard(feed)
 
-    def updates(self) -> AsyncIterator[Task]:
-        """Each status change once, in order, starting with the current snapshot; ends after
-        the terminal one (or when the client closes). Listening starts at the call, so no
-        change between the call and the first iteration is missed."""
-        feed: _Feed[Task] = _Feed()
-        if self.task is not None:
-            feed.items.append(self.task)
+    def updates(self) -> AsyncIterator[JobEvent]:
+        """Each state change once, in order, starting with the current state (``queued`` for
+        a job just submitted); ends after the terminal one (or when the client closes).
+        Listening starts at the call, so no change between the call and the first iteration
+        is missed."""
+        feed: _Feed[JobEvent] = _Feed()
+        feed.items.append(self._last)
         if self.done or self._hub.closed:
             feed.close()
         else:
             self._attach(feed)
         return self._drain(feed)
 
-    async def _drain(self, feed: _Feed[Task]) -> AsyncIterator[Task]:
+    async def _drain(self, feed: _Feed[JobEvent]) -> AsyncIterator[JobEvent]:
         try:
-            async for task in feed:
-                yield task
+            async for event in feed:
+                yield event
         finally:
             self._detach(feed)
 

@@ -23,12 +23,13 @@ import logging
 import math
 import random
 import time
+from typing import Literal, Protocol, runtime_checkable
 
 import anyio
 
 from kling_async.protocol.retry import RetryPolicy
 
-__all__ = ["AdaptiveLimit", "RequestBudget"]
+__all__ = ["AdaptiveLimit", "CreateOutcome", "RequestBudget", "RequestLimiter", "SlotLimiter"]
 
 log = logging.getLogger("kling_async")
 
@@ -37,8 +38,57 @@ _FIRST_PROBE_AFTER = 4
 _MAX_PROBE_AFTER = 256
 
 
+#: How a create that held a slot was answered: ``created`` (its task is seen: the account
+#: took one more), ``landed`` (its task exists but is not visible yet: the slot stays held, no
+#: lesson), ``refused`` (1303: nothing was created, the slot is gone and the limit learns),
+#: ``failed`` (any other outcome with no task: the slot is freed).
+CreateOutcome = Literal["created", "landed", "refused", "failed"]
+
+
+@runtime_checkable
+class SlotLimiter(Protocol):
+    """The account's parallel-task slots (Kling's concurrency limit), as the engine uses them.
+
+    A slot is taken for one job (keyed by its id, so a shared implementation can keep a lease
+    per job) by :meth:`acquire` before its create, or by :meth:`hold` for a task followed
+    without a create (``track``, a job loaded from a store). The create's answer is reported
+    once with :meth:`answered`; the slot of a job whose task exists is given back with
+    :meth:`release` when the task ends. The engine's tracker makes each of these calls exactly
+    once per job; an implementation may treat a second release of one job as a no-op.
+    ``limit`` is the limit as learned so far (inf while unknown).
+    """
+
+    @property
+    def active(self) -> int: ...
+
+    @property
+    def limit(self) -> float: ...
+
+    @property
+    def peak_active(self) -> int: ...
+
+    async def acquire(self, job_id: str) -> None: ...
+
+    def hold(self, job_id: str) -> None: ...
+
+    def answered(self, job_id: str, outcome: CreateOutcome) -> None: ...
+
+    def release(self, job_id: str) -> None: ...
+
+
+@runtime_checkable
+class RequestLimiter(Protocol):
+    """The account's request rate: every request of the client waits in :meth:`acquire`;
+    :meth:`pause` holds them all after a 1302 ("too fast"), so they back off together."""
+
+    async def acquire(self) -> None: ...
+
+    def pause(self, seconds: float) -> None: ...
+
+
 class RequestBudget:
-    """``await budget.acquire()`` before each request; waits as long as the budget requires.
+    """The in-process :class:`RequestLimiter`: ``await budget.acquire()`` before each request
+    waits as long as the budget requires.
 
     Reservations are handed out in call order: each caller books the next free instant and
     sleeps until it, so waiters never race and the rate holds exactly over any window.
@@ -74,29 +124,36 @@ class RequestBudget:
 
 
 class AdaptiveLimit:
-    """Kling slots: ``active`` tasks held (create in flight or task not yet ended) against a
-    ``limit`` that stays within [1, ``ceiling``]. ``ceiling`` None means unknown: start
-    unbounded and learn from the first 1303. See the module docstring for probing.
-
-    Each create that :meth:`acquire` lets through ends in exactly one of :meth:`on_success`,
-    :meth:`on_concurrency_limit`, :meth:`on_failure` (no task: the slot is freed) or
-    :meth:`on_landed` (the task exists, not seen yet: the slot stays held).
+    """The in-process :class:`SlotLimiter`: ``active`` slots held (create in flight or task not
+    yet ended) against a ``limit`` that stays within [1, ``ceiling``]. ``ceiling`` None means
+    unknown: start unbounded and learn from the first 1303. See the module docstring for
+    probing. Held slots are kept per job id, so a second release of one job changes nothing
+    (and is logged: the tracker never makes one).
     """
 
-    def __init__(self, ceiling: int | None, *, probe_period: float = 1200.0) -> None:
+    def __init__(
+        self,
+        ceiling: int | None,
+        *,
+        retry: RetryPolicy | None = None,
+        probe_period: float = 1200.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.ceiling: float = math.inf if ceiling is None else ceiling
         #: However many successes the next probe waits for, one goes out at least this often
         #: (seconds) while demand presses on the limit, so a cap raised late is found.
         self.probe_period = probe_period
+        self._retry = retry or RetryPolicy()
+        self._rng = rng or random.Random()
         self._last_probe = time.monotonic()
         self.limit: float = self.ceiling
-        self.active = 0
-        self.in_flight = 0  # creates sent and not answered yet
+        self._holders: set[str] = set()
+        self._in_flight: set[str] = set()  # creates sent and not answered yet
         self.peak_active = 0
-        self.throttled = 0  # 1303 answers seen
+        self.concurrency_limited = 0  # 1303 answers seen
         #: No create starts before this instant (after a 1303 while we hold no slot at all).
         self.not_before = 0.0
-        self._idle_throttles = 0
+        self._idle_refusals = 0
         self._successes = 0
         self._probe_after = _FIRST_PROBE_AFTER
         #: After an accepted probe the next one goes after a single success.
@@ -105,53 +162,60 @@ class AdaptiveLimit:
         self._probe_from: float | None = None
         self._changed = anyio.Event()
 
+    @property
+    def active(self) -> int:
+        return len(self._holders)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
 
-    async def wait_changed(self, at_most: float | None = None) -> None:
+    async def _wait_changed(self, at_most: float | None = None) -> None:
         with anyio.move_on_after(at_most):
             await self._changed.wait()
 
-    async def acquire(self) -> None:
+    async def acquire(self, job_id: str) -> None:
         while True:
             if (pause := self.not_before - time.monotonic()) > 0:
-                await self.wait_changed(at_most=pause)
+                await self._wait_changed(at_most=pause)
             elif self.active >= self.limit:
-                await self.wait_changed()
+                await self._wait_changed()
             else:
                 break
-        self.hold()
-        self.in_flight += 1
+        self.hold(job_id)
+        self._in_flight.add(job_id)
 
-    def hold(self) -> None:
-        """Count a slot without waiting (a task followed with ``track`` holds one too)."""
-        self.active += 1
+    def hold(self, job_id: str) -> None:
+        if job_id in self._holders:
+            log.error("a slot was taken twice for job %s; it is counted once", job_id)
+            return
+        self._holders.add(job_id)
         self.peak_active = max(self.peak_active, self.active)
 
-    def release(self) -> None:
-        """A task ended: its slot is free."""
-        if self.active <= 0:
-            log.error("slot released twice; the count stays at zero")
+    def release(self, job_id: str) -> None:
+        if job_id not in self._holders:
+            log.error("a slot was released twice for job %s; the count is unchanged", job_id)
             return
-        self.active -= 1
+        self._holders.discard(job_id)
+        self._in_flight.discard(job_id)
         self._notify()
 
-    def _answered(self) -> None:
-        self.in_flight = max(0, self.in_flight - 1)
+    def answered(self, job_id: str, outcome: CreateOutcome) -> None:
+        self._in_flight.discard(job_id)
+        if outcome == "created":
+            self._created()
+        elif outcome == "refused":
+            self._refused(job_id)
+        elif outcome == "failed":
+            self.release(job_id)
+        # "landed": the task exists unseen; its slot stays held and nothing is learned.
 
-    def on_failure(self) -> None:
-        """A create ended without a task (an error other than 1303)."""
-        self._answered()
-        self.release()
-
-    def on_landed(self) -> None:
-        """A create made a task that is not visible yet: it keeps its slot."""
-        self._answered()
-
-    def on_success(self) -> None:
-        self._answered()
-        self._idle_throttles = 0
+    def _created(self) -> None:
+        self._idle_refusals = 0
         if self._probe_from is not None:
             existing = self.active - self.in_flight  # tasks known to exist, this one included
             if existing <= self._probe_from:
@@ -169,13 +233,12 @@ class AdaptiveLimit:
             self.limit = min(self.ceiling, self.limit + 1)
             self._notify()
 
-    def on_concurrency_limit(self, retry: RetryPolicy, rng: random.Random) -> None:
+    def _refused(self, job_id: str) -> None:
         """A 1303 for the create holding one slot: that slot is released, and the server's
         limit is at most the tasks we still hold. Holding none (other clients of the account
         hold the slots), no task of ours will end to free one, so creates back off instead."""
-        self._answered()
-        self.throttled += 1
-        self.active = max(0, self.active - 1)
+        self.concurrency_limited += 1
+        self._holders.discard(job_id)
         if self._probe_from is not None:
             self._probe_after = min(self._probe_after * 2, _MAX_PROBE_AFTER)
             self._probe_from = None
@@ -183,6 +246,8 @@ class AdaptiveLimit:
         self.limit = max(1, min(self.limit, self.active))
         self._successes = 0
         if self.active == 0:
-            self._idle_throttles += 1
-            self.not_before = time.monotonic() + retry.delay(self._idle_throttles, rng=rng)
+            self._idle_refusals += 1
+            self.not_before = time.monotonic() + self._retry.delay(
+                self._idle_refusals, rng=self._rng
+            )
         # Nothing to wake: the limit only went down.

@@ -15,15 +15,19 @@ waits for, since a record of "about to send" is what makes a resumed create safe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
+import anyio
 import attrs
 
-from kling_async.engine.jobs import JobStatus
+from kling_async.engine.jobs import Job, JobStatus
 from kling_async.protocol.models import Task, Text2VideoRequest
 
-__all__ = ["JobRecord", "JobStore", "MemoryJobStore"]
+__all__ = ["JobRecord", "JobStore", "MemoryJobStore", "StoreWriter"]
+
+log = logging.getLogger("kling_async")
 
 
 @attrs.frozen(kw_only=True)
@@ -60,13 +64,10 @@ class JobStore(Protocol):
     """Where a client keeps its jobs (see the module docstring).
 
     ``save`` writes records (insert or replace by ``id``) and returns once they are durable;
-    ``load`` returns every record held, ended ones included. ``open`` and ``aclose`` bracket
-    the client's life. A store may be shared by several clients of one account.
+    ``load`` returns every record held, ended ones included. The store's owner opens and
+    closes it: a client given a store object uses it and leaves it open (a client given a
+    path makes its own ``SQLiteJobStore`` and closes it). A store may outlive many clients.
     """
-
-    async def open(self) -> None: ...
-
-    async def aclose(self) -> None: ...
 
     async def save(self, records: Iterable[JobRecord]) -> None: ...
 
@@ -83,15 +84,100 @@ class MemoryJobStore:
     def __init__(self) -> None:
         self._records: dict[str, JobRecord] = {}
 
-    async def open(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
-
     async def save(self, records: Iterable[JobRecord]) -> None:
         for record in records:
             self._records[record.id] = record
 
     async def load(self) -> list[JobRecord]:
         return list(self._records.values())
+
+
+class StoreWriter:
+    """Writes changed jobs to a :class:`JobStore` from the client's task group.
+
+    Changes are coalesced per job (a job that changed three times since the last write is
+    written once, as it is now), so the pollers never wait for the store. :meth:`durable`
+    is for the one write that must land before the engine goes on (the mark before a
+    create). A failing store is retried with a growing pause and logged; jobs are not lost
+    from memory meanwhile, and :meth:`durable` raises the store's error to its caller.
+    """
+
+    def __init__(self, store: JobStore, record: Callable[[Job], JobRecord]) -> None:
+        self.store = store
+        self._record = record
+        self._dirty: dict[str, Job] = {}
+        self._wake = anyio.Event()
+        #: Writes started so far, and the last one finished (a job is durable once a write
+        #: that started after its change has finished).
+        self._started = 0
+        self._finished = 0
+        self._done = anyio.Event()
+        self._error: BaseException | None = None
+        self.writes = 0
+
+    def touch(self, job: Job) -> None:
+        self._dirty[job.id] = job
+        self._wake.set()
+
+    async def durable(self, job: Job) -> None:
+        """Return once ``job`` as it is now is in the store."""
+        self.touch(job)
+        target = self._started + 1
+        while self._finished < target:
+            done = self._done
+            await done.wait()
+            if self._finished < target and self._error is not None:
+                raise self._error
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            if not self._dirty:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+            try:
+                await self._write()
+            except Exception as exc:
+                failures += 1
+                self._error = exc
+                self._signal()
+                log.error("the job store failed (%s); writing again shortly", exc)  # noqa: TRY400 (no traceback spam per retry)
+                await anyio.sleep(min(30.0, 0.1 * 2 ** min(failures, 9)))
+            else:
+                failures = 0
+                self._error = None
+
+    async def _write(self) -> None:
+        if not self._dirty:
+            return
+        batch, self._dirty = self._dirty, {}
+        self._started += 1
+        try:
+            await self.store.save([self._record(job) for job in batch.values()])
+        except BaseException:
+            # Not written: those jobs are written with the next batch.
+            self._dirty = {**batch, **self._dirty}
+            raise
+        self.writes += 1
+        self._finish()
+
+    def _finish(self) -> None:
+        self._finished = self._started
+        self._signal()
+
+    def _signal(self) -> None:
+        done, self._done = self._done, anyio.Event()
+        done.set()
+
+    async def flush(self) -> None:
+        """Write what is left (the client is closing); shielded, so a cancelled scope still
+        leaves the store as current as the jobs."""
+        with anyio.CancelScope(shield=True):
+            while self._dirty:
+                try:
+                    await self._write()
+                except Exception:
+                    log.exception(
+                        "the job store failed while closing; some changes were not written"
+                    )
+                    return

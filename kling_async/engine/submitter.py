@@ -10,7 +10,6 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
 
 import anyio
 import anyio.abc
@@ -26,15 +25,16 @@ from kling_async._errors import (
     TransportError,
     UnreachableError,
 )
-from kling_async.engine.jobs import Job, JobStatus
-from kling_async.engine.limits import AdaptiveLimit, RequestBudget
+from kling_async.engine.jobs import Job
+from kling_async.engine.limits import RequestLimiter
+from kling_async.engine.tracker import Tracker
 from kling_async.http.create import CreateSettings, CreateState, LandedUnseen
 from kling_async.http.health import Health
-from kling_async.http.resources import Text2VideoResource
+from kling_async.http.resources import TaskResource
 from kling_async.protocol.models import Task
 from kling_async.protocol.retry import RetryPolicy
 
-__all__ = ["AdaptiveLimit", "Submitter"]
+__all__ = ["Submitter"]
 
 log = logging.getLogger("kling_async")
 
@@ -68,22 +68,22 @@ class Submitter:
     ambiguous stays so (and is looked up first) until a lookup or a POST settles it; a 1303
     changes nothing about it. A job proven created but not yet visible is looked for by a
     finder in the submitter's own task group, holding its slot, so the create workers move on.
+    What each create's answer means for the job and its slot is reported to the tracker.
     """
 
     def __init__(
         self,
-        resource: Text2VideoResource,
-        limit: AdaptiveLimit,
-        budget: RequestBudget,
+        resource: TaskResource,
+        tracker: Tracker,
+        requests: RequestLimiter,
         *,
         retry: RetryPolicy,
         settle_window: float,
         health: Health,
-        on_submitted: Callable[[Job, Task, float], None],
     ) -> None:
         self._resource = resource
-        self.limit = limit
-        self._budget = budget
+        self._tracker = tracker
+        self._requests = requests
         self._retry = retry
         self._health = health
         self._settings = CreateSettings(
@@ -92,7 +92,6 @@ class Submitter:
             retry_concurrency=False,
             hand_off_landed=True,
         )
-        self._on_submitted = on_submitted
         self._rng = random.Random()
         self._queue: deque[Job] = deque()
         self._work = anyio.Event()
@@ -110,11 +109,8 @@ class Submitter:
         if self.fatal is not None:
             self._reject(job, self.fatal)
             return
-        assert job.external_task_id is not None
         self._pending[job] = _Pending(
-            CreateState.from_earlier_run(job.external_task_id)
-            if resume
-            else CreateState(job.external_task_id)
+            CreateState.from_earlier_run(job.id) if resume else CreateState(job.id)
         )
         self._queue.append(job)
         self._work.set()
@@ -150,33 +146,36 @@ class Submitter:
     async def _work_loop(self) -> None:
         while True:
             job = await self._next_job()
-            await self.limit.acquire()
+            if job.done:
+                continue  # ended while queued (the client's misuse guard, a fatal stop)
+            await self._tracker.take_slot(job)
             if self.fatal is not None:
-                self.limit.on_failure()
+                self._tracker.answered(job, "failed")
                 self._reject(job, self.fatal)
                 continue
             await self._submit(job)
 
     async def _submit(self, job: Job) -> None:
         assert job.request is not None
+        tracker = self._tracker
         pending = self._pending[job]
         state = pending.state
-        job._set_status(JobStatus.SUBMITTING)
         sent_at = time.monotonic()
         try:
+            await tracker.submitting(job)
             task = await self._resource.create_prepared(job.request, self._settings, state)
         except LandedUnseen:
             # Created (the server refused the repeat), not visible yet: look for it apart,
             # holding its slot, so this worker can move on.
-            self.limit.on_landed()
+            tracker.answered(job, "landed")
             assert self._task_group is not None
             self._task_group.start_soon(self._find, job, state, sent_at, name="kling-finder")
         except ConcurrencyLimitError:
             # No task was created; the state (ambiguous or not) is kept as it is.
-            self.limit.on_concurrency_limit(self._retry, self._rng)
+            tracker.answered(job, "refused")
             self._requeue(job)
         except AmbiguousSubmissionError as exc:
-            self.limit.on_failure()
+            tracker.answered(job, "failed")
             rounds = pending.ambiguous_rounds = pending.ambiguous_rounds + 1
             if pending.ambiguous_since is None:
                 pending.ambiguous_since = time.monotonic()
@@ -188,15 +187,15 @@ class Submitter:
                 return
             self._reject(job, exc)
         except RateLimitError as exc:
-            self.limit.on_failure()
-            self._budget.pause(self._retry.delay(1, retry_after=exc.retry_after, throttled=True))
+            tracker.answered(job, "failed")
+            self._requests.pause(self._retry.delay(1, retry_after=exc.retry_after, throttled=True))
             self._requeue(job)
         except (AccountError, AuthenticationError) as exc:
-            self.limit.on_failure()
+            tracker.answered(job, "failed")
             self._reject(job, exc)
             self._stop(exc)
         except TransportError as exc:
-            self.limit.on_failure()
+            tracker.answered(job, "failed")
             unreachable = exc if isinstance(exc, UnreachableError) else self._health.unreachable()
             if exc.request_sent or unreachable is not None:
                 self._reject(job, unreachable or exc)
@@ -210,22 +209,22 @@ class Submitter:
             delay = self._retry.delay(pending.unreachable_rounds, rng=self._rng)
             await self._requeue_later(job, delay if verdict_in is None else min(delay, verdict_in))
         except KlingError as exc:
-            self.limit.on_failure()
+            tracker.answered(job, "failed")
             self._reject(job, exc)
         except Exception as exc:
-            # A bug must not take the other jobs down: this job ends with it, loudly.
-            self.limit.on_failure()
-            log.exception("submitting a job failed unexpectedly")
+            # A bug (or a job store that cannot write) must not take the other jobs down:
+            # this job ends with it, loudly.
+            tracker.answered(job, "failed")
+            log.exception("submitting job %s failed unexpectedly", job.id)
             self._reject(job, exc)
         else:
-            self.limit.on_success()
+            tracker.answered(job, "created")
             self._created(job, state, task, sent_at)
 
     def _created(self, job: Job, state: CreateState, task: Task, sent_at: float) -> None:
         self._pending.pop(job, None)
-        job.possible_duplicate = state.possible_duplicate
         self.stats.submitted += 1
-        self._on_submitted(job, task, sent_at)
+        self._tracker.created(job, task, sent_at, possible_duplicate=state.possible_duplicate)
 
     async def _find(self, job: Job, state: CreateState, sent_at: float) -> None:
         try:
@@ -234,13 +233,12 @@ class Submitter:
             # Its slot is given up with it; a bug ends this job only, loudly.
             if not isinstance(exc, KlingError):
                 log.exception("looking for a created task failed unexpectedly")
-            self.limit.release()
             self._reject(job, exc)
             return
         self._created(job, state, task, sent_at)
 
     def _requeue(self, job: Job) -> None:
-        job._set_status(JobStatus.QUEUED)
+        self._tracker.requeued(job)
         self._queue.appendleft(job)
         self._work.set()
 
@@ -248,11 +246,12 @@ class Submitter:
         """Hold the job (and this worker) for ``delay`` seconds, then put it first in line:
         when the server is down, every worker ends up waiting like this, which is the
         back-off we want. A good answer from the server ends the wait early."""
-        job._set_status(JobStatus.QUEUED)
+        self._tracker.requeued(job)
         await self._health.wait_recovered(delay)
         self._requeue(job)
 
     def _reject(self, job: Job, error: BaseException) -> None:
         self._pending.pop(job, None)
-        job._fail(error)
-        self.stats.rejected += 1
+        if not job.done:
+            self.stats.rejected += 1
+        self._tracker.reject(job, error)

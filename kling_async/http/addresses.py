@@ -17,7 +17,8 @@ between a check and the connect cannot happen. ``allowed_hosts`` names hosts tru
 their addresses (``.example.com`` also covers subdomains) and ``allow_private`` drops the
 address rule altogether.
 
-Pure: no IO, so every spelling is testable without a network.
+Pure: no IO, so every spelling is testable without a network. A refusal is
+:class:`~kling_async._errors.AddressRefused` (defined with every other error; re-exported here).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import socket
 from collections.abc import Iterable
 
 import attrs
+
+from kling_async._errors import AddressRefused
 
 __all__ = ["AddressPolicy", "AddressRefused", "IPAddress", "is_public", "parse_ip_literal"]
 
@@ -43,16 +46,6 @@ _NOT_PUBLIC_V4 = tuple(
 )
 #: What inet_aton would take for an IPv4 address: digits, hex digits and the 0x prefix, dots.
 _NUMERIC_HOST = re.compile(r"(?i)^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?$")
-
-
-class AddressRefused(OSError):
-    """A download would connect where the policy forbids. An ``OSError`` so that it travels
-    through aiohttp's resolver call like a failed DNS lookup, with no connection made."""
-
-    def __init__(self, host: str, rule: str) -> None:
-        super().__init__(f"host {host!r} {rule}")
-        self.host = host
-        self.rule = rule
 
 
 def normalise_host(host: str) -> str:

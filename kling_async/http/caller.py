@@ -1,23 +1,21 @@
 """One authenticated API call: auth header, one re-mint on 1003/1004, retries for safe calls.
 
 Reads (GET) are idempotent, so they retry everything a retry can fix: transport errors, 5xx,
-1302 and garbage bodies, with backoff bounded in attempts and time and honouring Retry-After,
-and within the client's :class:`~._retry.RetryBudget` (a 1302 is flow control, not a
-failure, and is not charged to it). Creates are not idempotent; they use
-:meth:`Api.send_once` and decide for themselves (:mod:`._create`). Every outcome feeds the
-client's :class:`~._health.Health`; once it says the host is unreachable, reads that cannot
-connect stop retrying and raise its :class:`UnreachableError`.
+1302 and garbage bodies, through the shell's one retry primitive
+(:class:`~kling_async.http.retrying.Retrying`: backoff bounded in attempts and time, honouring
+Retry-After, within the client's retry budget; a 1302 is flow control, not a failure, and is
+not charged to it). Creates are not idempotent; they use :meth:`Api.send_once` and decide for
+themselves (:mod:`kling_async.http.create`). Every outcome feeds the client's
+:class:`~kling_async.http.health.Health`; once it says the host is unreachable, reads that
+cannot connect stop retrying and raise its :class:`UnreachableError`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
-
-import anyio
 
 from kling_async._errors import (
     AuthenticationError,
@@ -28,10 +26,9 @@ from kling_async._errors import (
     ServerError,
     ThrottledError,
     TransportError,
-    UnreachableError,
 )
 from kling_async.http.health import Health
-from kling_async.http.retrying import RetryBudget
+from kling_async.http.retrying import RetryBudget, Retrying
 from kling_async.http.transport import HttpTransport, RawResponse
 from kling_async.protocol.auth import Auth
 from kling_async.protocol.converter import decode_envelope
@@ -82,8 +79,10 @@ class Api:
         params: Mapping[str, str] | None = None,
         json_body: Any = None,
         query: bool = False,
+        attempt: int = 1,
     ) -> Any:
-        """One logical attempt; returns ``data`` or raises the typed error.
+        """One logical attempt; returns ``data`` or raises the typed error. ``attempt`` is its
+        number within its call (for the debug log).
 
         A 1003/1004 (token not yet valid / expired) is the only case sent twice here: the server
         rejected the credential before looking at the request, so a re-mint and one more try is
@@ -91,7 +90,9 @@ class Api:
         """
         reminted = False
         while True:
-            response = await self._send(method, path, params=params, json_body=json_body)
+            response = await self._send(
+                method, path, params=params, json_body=json_body, attempt=attempt
+            )
             try:
                 return decode_envelope(
                     response.status,
@@ -114,7 +115,13 @@ class Api:
                 raise
 
     async def _send(
-        self, method: str, path: str, *, params: Mapping[str, str] | None, json_body: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        json_body: Any,
+        attempt: int,
     ) -> RawResponse:
         if self._before_request is not None:
             await self._before_request()
@@ -126,6 +133,7 @@ class Api:
                 params=params,
                 json_body=json_body,
                 redact=self.redact,
+                attempt=attempt,
             )
         except TransportError as exc:
             self.health.failed(exc)
@@ -140,22 +148,23 @@ class Api:
         if self.budget is not None:
             self.budget.offered()
 
-    async def may_retry(self, failure: BaseException, *, wait: float) -> bool:
-        """Whether a retry of ``failure`` fits the client's retry budget (taking its cost),
-        waiting up to ``wait`` seconds for room.
-
-        Throttling (1302, 1303) is the server asking to wait, not failing, and a connection
-        that could not be made loaded no server: neither is charged (the health verdict bounds
-        the latter).
-        """
-        if self.budget is None or isinstance(failure, ThrottledError):
-            return True
-        if isinstance(failure, TransportError) and not failure.request_sent:
-            return True
-        if await self.budget.acquire(wait=wait):
-            return True
-        log.debug("retry budget spent: not retrying (%s)", type(failure).__name__)
-        return False
+    def retrying(
+        self,
+        policy: RetryPolicy | None = None,
+        *,
+        deadline: float | None = None,
+        last_try_at_deadline: bool = False,
+    ) -> Retrying:
+        """The retries of one call to the API host: ``policy`` (default: the client's), within
+        the client's retry budget and the host's unreachable verdict."""
+        return Retrying(
+            policy or self.retry,
+            budget=self.budget,
+            health=self.health,
+            deadline=deadline,
+            rng=self.rng,
+            last_try_at_deadline=last_try_at_deadline,
+        )
 
     async def read(
         self,
@@ -168,55 +177,19 @@ class Api:
         """A GET, retried for every failure a retry can fix, within the retry policy and the
         client's retry budget. ``offered=False`` marks a read that is itself a retry of a
         failed operation, already paid for by its caller (it deposits nothing)."""
-        deadline = time.monotonic() + self.retry.timeout
-        attempt = 0
+        retrying = self.retrying()
         if offered:
             self.offered()
         while True:
-            attempt += 1
             try:
-                return await self.send_once("GET", path, params=params, query=query)
+                return await self.send_once(
+                    "GET", path, params=params, query=query, attempt=retrying.failures + 1
+                )
             except KlingError as exc:
                 if not is_retryable_read_error(exc):
                     raise
-                unreachable = self.unreachable_for(exc)
-                if unreachable is not None:
-                    raise unreachable from None
-                if not await self.back_off(exc, attempt, deadline):
+                if not await retrying.wait(exc):
+                    if retrying.unreachable is not None:
+                        raise retrying.unreachable from None
                     raise
-                log.debug("GET %s failed (%s); retry %d", path, exc, attempt)
-
-    def unreachable_for(self, failure: BaseException) -> UnreachableError | None:
-        """The verdict to end a call with, if ``failure`` could not connect and the host has
-        been unreachable long enough."""
-        if isinstance(failure, TransportError) and not failure.request_sent:
-            return self.health.unreachable()
-        return None
-
-    async def back_off(self, failure: BaseException, attempt: int, deadline: float) -> bool:
-        """Wait before retry number ``attempt`` of a call that failed with ``failure``; False,
-        without waiting, when no retry is allowed: the policy's attempts or the call's
-        ``deadline`` (monotonic) are spent, or the retry budget has no room in time.
-
-        The one back-off of every retrying call (reads, creates): full-jitter delays, the
-        server's Retry-After, 1302's minimum, and a look again when the unreachable verdict
-        would fall. A retry waits for budget no longer than its remaining schedule would.
-        """
-        delay = self.retry.delay(
-            attempt,
-            rng=self.rng,
-            retry_after=getattr(failure, "retry_after", None),
-            throttled=isinstance(failure, ThrottledError),
-        )
-        if isinstance(failure, TransportError) and not failure.request_sent:
-            verdict_in = self.health.until_verdict()
-            if verdict_in is not None:
-                delay = min(delay, verdict_in)
-        started = time.monotonic()
-        if attempt >= self.retry.attempts or started + delay > deadline:
-            return False
-        room = min(max(delay, self.retry.remaining(attempt)), deadline - started)
-        if not await self.may_retry(failure, wait=room):
-            return False
-        await anyio.sleep(max(0.0, delay - (time.monotonic() - started)))
-        return True
+                log.debug("GET %s failed (%s); retry %d", path, exc, retrying.failures)

@@ -31,7 +31,6 @@ import time
 import uuid
 from typing import Any, Protocol
 
-import anyio
 import attrs
 
 from kling_async._errors import (
@@ -50,6 +49,7 @@ from kling_async._errors import (
     UnreachableError,
 )
 from kling_async.http.caller import Api
+from kling_async.http.retrying import Retrying
 from kling_async.protocol.converter import structure_task
 from kling_async.protocol.models import Task
 from kling_async.protocol.profiles import RepeatedExternalId
@@ -79,7 +79,12 @@ _DUPLICATE = re.compile(
 #: ends ambiguous (its id kept: a later run resumes it): a refusal misread as "exists" must
 #: not leave a job waiting forever.
 _LANDED_PATIENCE = 10
+#: Looks for one task start this far apart and double (a settle window up to
+#: ``_SETTLE_MAX_PAUSE``, a proven-landed search up to the policy's maximum).
 _FIRST_PAUSE = 0.05
+_SETTLE_MAX_PAUSE = 2.0
+#: Looks are bounded by their deadline, not by a count.
+_MAX_LOOKS = 1_000_000
 
 
 class Lookups(Protocol):
@@ -180,6 +185,12 @@ def _is_ambiguous(exc: BaseException) -> bool:
     return isinstance(exc, ServerError | ResponseDecodeError)
 
 
+def _look_up_policy(retry: RetryPolicy, first: float, maximum: float) -> RetryPolicy:
+    """The schedule of looks for one task: ``first`` seconds, doubling up to ``maximum``, with
+    full jitter; as many looks as the caller's deadline allows."""
+    return attrs.evolve(retry, initial=first, maximum=max(first, maximum), attempts=_MAX_LOOKS)
+
+
 async def _settle(
     api: Api,
     lookups: Lookups | None,
@@ -188,38 +199,44 @@ async def _settle(
     *,
     first_offered: bool = False,
 ) -> Task | None:
-    """Look for the task for up to ``window`` seconds; None if it never shows up.
+    """Look for the task for up to ``window`` seconds (a last look at its end); None if it
+    never shows up.
 
-    Each look after a failure is a retry and is paid from the client's retry budget; a look
-    the budget cannot pay for, or a backend whose lookups do not work, leaves the outcome
-    unknown: :class:`AmbiguousSubmissionError`.
+    Each look after a failure is a retry and is paid from the client's retry budget, waiting
+    for room as long as a read's retries would (a burst of dropped creates waits a round trip
+    for its looks instead of failing); a look the budget cannot pay for, or a backend whose
+    lookups do not work, leaves the outcome unknown: :class:`AmbiguousSubmissionError`.
     """
     cause = state.unsettled
     assert cause is not None
     external_task_id = state.external_task_id
     if lookups is None or not await lookups.usable():
-        raise AmbiguousSubmissionError(external_task_id, cause)
-    deadline = time.monotonic() + window
-    pause = _FIRST_PAUSE
-    offered = first_offered
+        raise _given_up(state, cause)
+    retrying = Retrying(
+        _look_up_policy(api.retry, _FIRST_PAUSE, _SETTLE_MAX_PAUSE),
+        budget=api.budget,
+        deadline=time.monotonic() + window,
+        rng=api.rng,
+        last_try_at_deadline=True,
+    )
     patience = api.retry.remaining(1)
+    offered = first_offered
+    # The first look follows the failed create at once; only the budget may hold it back.
+    if not offered and not await retrying.pay(cause, wait=max(retrying.remaining, patience)):
+        raise _given_up(state, cause)
     while True:
-        room = max(deadline - time.monotonic(), pause, patience)
-        if not offered and not await api.may_retry(cause, wait=room):
-            raise AmbiguousSubmissionError(external_task_id, cause)
         try:
             return await lookups.find(external_task_id, offered=offered)
         except TaskNotFoundError:
             pass
         except KlingError as exc:
             # The lookup itself failed or is unsupported here: we cannot know, so we say so.
-            raise AmbiguousSubmissionError(external_task_id, exc) from exc
+            raise _given_up(state, exc) from exc
         offered = False
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if not await retrying.wait(cause, budget_wait=max(retrying.remaining, patience)):
+            if retrying.stopped == "budget":
+                raise _given_up(state, cause)
             return None
-        await anyio.sleep(min(remaining, api.rng.uniform(pause / 2, pause)))
-        pause = min(pause * 2, 2.0)
 
 
 async def find_landed(
@@ -229,42 +246,44 @@ async def find_landed(
     ``retry.maximum`` seconds between looks. Never sends a create. Ends with the task, or with
     an error that makes looking pointless (lookups do not work here, the account was refused,
     the host is unreachable), or after ``_LANDED_PATIENCE`` retry timeouts with
-    :class:`AmbiguousSubmissionError`, its id kept for a later lookup."""
+    :class:`AmbiguousSubmissionError`, its id kept for a later lookup.
+
+    Each look is a read of its own (paid and retried as one), so the looks between them are
+    not charged to the retry budget again.
+    """
     external_task_id = state.external_task_id
-    pause = _FIRST_PAUSE
+    retrying = Retrying(
+        _look_up_policy(retry, _FIRST_PAUSE, retry.maximum),
+        deadline=time.monotonic() + _LANDED_PATIENCE * retry.timeout,
+        rng=api.rng,
+    )
     looks = 0
-    give_up_at = time.monotonic() + _LANDED_PATIENCE * retry.timeout
     while True:
-        if time.monotonic() >= give_up_at:
-            raise AmbiguousSubmissionError(
-                external_task_id,
-                KlingError(
-                    f"the server said a task with this external_task_id exists, and {looks} "
-                    "lookups never found it"
-                ),
-            )
         if lookups is None or not await lookups.usable():
-            raise AmbiguousSubmissionError(
-                external_task_id,
+            raise _given_up(
+                state,
                 KlingError(
                     "the server says a task with this external_task_id exists, and this "
                     "backend cannot look tasks up by external_task_id"
                 ),
             )
         looks += 1
+        failure: KlingError
         try:
             task = await lookups.find(external_task_id)
-        except TaskNotFoundError:
-            pass
+        except TaskNotFoundError as exc:
+            failure = exc
         except (AuthenticationError, AccountError, UnreachableError):
             raise
         except KlingError as exc:
             log.debug("looking up external_task_id=%s failed (%s)", external_task_id, exc)
+            failure = exc
         else:
             log.info(
-                "adopted task %s for external_task_id=%s after %d lookups",
-                task.task_id,
+                "create for external_task_id=%s resolved: proven landed, adopted task %s "
+                "after %d lookups",
                 external_task_id,
+                task.task_id,
                 looks,
             )
             state.unsettled = None
@@ -276,8 +295,14 @@ async def find_landed(
                 external_task_id,
                 looks,
             )
-        await anyio.sleep(api.rng.uniform(pause / 2, pause))
-        pause = min(pause * 2, retry.maximum)
+        if not await retrying.wait(failure):
+            raise _given_up(
+                state,
+                KlingError(
+                    f"the server said a task with this external_task_id exists, and {looks} "
+                    "lookups never found it"
+                ),
+            )
 
 
 async def create_task(
@@ -298,26 +323,23 @@ async def create_task(
     (a resumed job's first round is a new request: an earlier run sent the last one).
     """
     retry = settings.retry
-    deadline = time.monotonic() + retry.timeout
+    retrying = api.retrying(retry)
     external_task_id = state.external_task_id
-    attempt = 0
     state.rounds += 1
     first_round = state.rounds == 1
     if state.unsettled is not None:
         # The earlier call ended a while ago: one look is enough before deciding to POST.
         found = await _settle(api, lookups, state, 0.0, first_offered=first_round)
         if found is not None:
-            state.unsettled = None
-            return found
+            return _found(state, found)
     elif first_round:
         api.offered()
     while True:
-        attempt += 1
         if state.unsettled is not None:
             state.resent = True
         failure: KlingError
         try:
-            data = await api.send_once("POST", path, json_body=body)
+            data = await api.send_once("POST", path, json_body=body, attempt=retrying.failures + 1)
             task = structure_task(data, redact=api.redact)
         except ConcurrencyLimitError as exc:
             if not settings.retry_concurrency:
@@ -340,9 +362,8 @@ async def create_task(
             if state.unsettled is not None:
                 found = await _settle(api, lookups, state, 0.0)
                 if found is not None:
-                    state.unsettled = None
-                    return found
-                raise AmbiguousSubmissionError(external_task_id, state.unsettled) from exc
+                    return _found(state, found)
+                raise _given_up(state, state.unsettled) from exc
             raise
         except (AccountError, AuthenticationError, PolicyError):
             if state.unsettled is not None:
@@ -351,8 +372,7 @@ async def create_task(
                 # the first task before failing.
                 found = await _settle(api, lookups, state, 0.0)
                 if found is not None:
-                    state.unsettled = None
-                    return found
+                    return _found(state, found)
             raise
         except (TransportError, ThrottledError, ServerError, ResponseDecodeError) as exc:
             failure = exc
@@ -370,6 +390,13 @@ async def create_task(
                     external_task_id,
                     task.task_id,
                 )
+            elif state.resent:
+                log.info(
+                    "create for external_task_id=%s resolved: re-sent (not found by lookup), "
+                    "task %s",
+                    external_task_id,
+                    task.task_id,
+                )
             state.unsettled = None
             return task
 
@@ -382,12 +409,32 @@ async def create_task(
             state.unsettled = failure
             found = await _settle(api, lookups, state, settings.settle_window)
             if found is not None:
-                state.unsettled = None
-                return found
+                return _found(state, found)
 
-        unreachable = api.unreachable_for(failure)
-        if unreachable is not None or not await api.back_off(failure, attempt, deadline):
-            final = unreachable or failure
+        if not await retrying.wait(failure):
+            final = retrying.unreachable or failure
             if state.unsettled is not None:
-                raise AmbiguousSubmissionError(external_task_id, state.unsettled) from final
+                raise _given_up(state, state.unsettled) from final
             raise final
+
+
+def _found(state: CreateState, task: Task) -> Task:
+    """Adopt the task a look-up found for an unsettled create."""
+    log.info(
+        "create for external_task_id=%s resolved: found by lookup, task %s",
+        state.external_task_id,
+        task.task_id,
+    )
+    state.unsettled = None
+    return task
+
+
+def _given_up(state: CreateState, cause: BaseException) -> AmbiguousSubmissionError:
+    """The error for a create whose outcome stays unknown (said once, at INFO)."""
+    log.info(
+        "create for external_task_id=%s given up: outcome unknown (%s%s); look it up later",
+        state.external_task_id,
+        type(cause).__name__,
+        ", proven landed" if state.proven else "",
+    )
+    return AmbiguousSubmissionError(state.external_task_id, cause)

@@ -17,8 +17,9 @@ A download here:
   over the target with :func:`os.replace` and syncs the directory: the target path holds
   either the old file or the complete new one, never a torn write;
 * never sends the API credentials: the file host gets the signed URL and nothing else;
-* retries what a retry can fix (connection failures, cut bodies, 5xx, 429) with the client's
-  backoff, and on 403/404/410, the signs of an expired URL, fetches the task again for a
+* retries what a retry can fix (connection failures, cut bodies, 5xx, 429, 408) with the
+  shell's one retry primitive (the client's policy, Retry-After, the download's deadline),
+  and on 403/404/410, the signs of an expired URL, fetches the task again for a
   fresh URL instead of retrying the dead one.
 """
 
@@ -41,6 +42,7 @@ import attrs
 
 from kling_async._errors import DownloadError, TransportError, ValidationError
 from kling_async.http.addresses import AddressPolicy
+from kling_async.http.retrying import Retrying
 from kling_async.http.transport import ByteStream, HttpTransport, redact_url
 from kling_async.protocol.models import Task, Video
 from kling_async.protocol.retry import RetryPolicy, parse_retry_after
@@ -334,7 +336,17 @@ async def download_video(
     result: DownloadResult | None = None
     with anyio.move_on_after(timeout) as scope:
         result = await _download(
-            transport, refresh, task, video, path, policy, retry, max_bytes, stall_timeout, rng
+            transport,
+            refresh,
+            task,
+            video,
+            path,
+            policy,
+            retry,
+            max_bytes,
+            stall_timeout,
+            rng,
+            timeout,
         )
     if result is None or scope.cancelled_caught:
         shown = redact_url(video.url)
@@ -357,12 +369,17 @@ async def _download(
     max_bytes: int,
     stall_timeout: float | None,
     rng: random.Random,
+    timeout: float | None,  # noqa: ASYNC109 (the download's deadline, for the retries)
 ) -> DownloadResult:
+    # The file host is not the API host: the API's health verdict says nothing about it, and
+    # the client's retry budget guards the API (a CDN outage must not starve the API's
+    # retries). Retries stop at the policy's timeout, and before the download's own deadline.
     deadline = time.monotonic() + retry.timeout
-    attempt = 0
+    if timeout is not None:
+        deadline = min(deadline, time.monotonic() + timeout)
+    retrying = Retrying(retry, deadline=deadline, rng=rng)
     refreshes = 0
     while True:
-        attempt += 1
         failure: TransportError | _Retryable | None = None
         try:
             size, digest = await _fetch(
@@ -396,11 +413,10 @@ async def _download(
             failure = exc
         else:
             return DownloadResult(path=path, size=size, sha256=digest, task=task)
-        delay = retry.delay(attempt, rng=rng, retry_after=getattr(failure, "retry_after", None))
-        if attempt >= retry.attempts or time.monotonic() + delay > deadline:
+        attempt = retrying.failures + 1
+        log.info("download attempt %d failed (%s)", attempt, failure)
+        if not await retrying.wait(failure):
             raise DownloadError(
                 f"download for task {task.task_id} failed after {attempt} attempts: {failure}",
                 url=redact_url(video.url),
             ) from failure
-        log.info("download attempt %d failed (%s); retrying in %.2fs", attempt, failure, delay)
-        await anyio.sleep(delay)

@@ -1,8 +1,12 @@
 """Task resources: the 1:1 face of the HTTP API (create, get, list, wait, watch).
 
 Kling's video endpoints share one create / get / list shape (text2video, image2video, ...), so
-the logic lives in :class:`TaskResource` keyed by its path, and each endpoint is a thin subclass
-that knows its request type. Only text-to-video exists today.
+the logic lives in :class:`TaskResource`, bound to a task family
+(:class:`~kling_async.protocol.families.TaskFamily`: its path, its request type, the backend
+rules a request is checked against, the converter's POST body), and each endpoint is a thin
+subclass bound to its family. Only text-to-video exists
+today; image-to-video would be an ``Image2VideoResource(TaskResource)`` bound to an
+``IMAGE2VIDEO`` family (see :mod:`kling_async.protocol.families`), nothing more here.
 
 Lookups by ``external_task_id`` are undocumented on CometAPI and done three ways by public
 clients (protocol 1.1), so :class:`ExternalIdLookups` learns at run time which form the backend
@@ -25,9 +29,9 @@ import anyio
 import attrs
 
 from kling_async._errors import (
+    IgnoredLookupError,
     InvalidRequestError,
     KlingError,
-    ResponseDecodeError,
     TaskFailedError,
     TaskNotFoundError,
     ValidationError,
@@ -42,7 +46,8 @@ from kling_async.http.create import (
     find_landed,
     new_external_task_id,
 )
-from kling_async.protocol.converter import Redact, request_body, structure_task, structure_task_list
+from kling_async.protocol.converter import Redact, structure_task, structure_task_list
+from kling_async.protocol.families import TEXT2VIDEO, TaskFamily
 from kling_async.protocol.models import Task, Text2VideoRequest
 from kling_async.protocol.poll import PollPolicy
 from kling_async.protocol.profiles import BackendProfile, ExternalIdLookup
@@ -69,12 +74,6 @@ def _check_page(name: str, value: object, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
         raise ValidationError(name, value, f"must be a whole number from 1 to {high}")
     return value
-
-
-class IgnoredLookupError(ResponseDecodeError):
-    """A lookup by ``external_task_id`` was answered with a list page, or with another task: the
-    backend may ignore the parameter, so the answer says nothing about our task. Never read as
-    "not found" (that would re-send a create that may have landed)."""
 
 
 def _pick_external(data: Any, external_task_id: str, redact: Redact) -> Task:
@@ -219,12 +218,12 @@ class ExternalIdLookups:
 
 
 class TaskResource:
-    """create / get / list / wait / watch for one family of video tasks."""
+    """create / get / list / wait / watch for one family of video tasks (``family``)."""
 
     def __init__(
         self,
         api: Api,
-        path: str,
+        family: TaskFamily[Any],
         *,
         profile: BackendProfile,
         create_settings: CreateSettings,
@@ -233,7 +232,8 @@ class TaskResource:
         learn_lookup: bool = True,
     ) -> None:
         self._api = api
-        self._path = path
+        self.family = family
+        self._path = path = family.path
         self._profile = profile
         self._create_settings = create_settings
         self._poll = poll
@@ -242,14 +242,17 @@ class TaskResource:
         self._rng = random.Random()
         self._models: dict[PollPolicy, DurationModel] = {}
 
-    def prepare(self, request: Text2VideoRequest) -> Text2VideoRequest:
+    def prepare(self, request: Any) -> Any:
         """Check ``request`` against the backend profile and give it an ``external_task_id``.
 
         Everything that can be wrong with a request fails here, before any network call.
         """
-        if not isinstance(request, Text2VideoRequest):
-            raise ValidationError("request", request, "must be a Text2VideoRequest")
-        self._profile.validate(request)
+        family = self.family
+        if not isinstance(request, family.request_type):
+            raise ValidationError(
+                "request", request, f"must be a {family.request_type.__name__} ({family.name})"
+            )
+        family.validate(self._profile, request)
         if request.external_task_id is None:
             request = attrs.evolve(request, external_task_id=new_external_task_id())
         return request
@@ -261,7 +264,7 @@ class TaskResource:
 
     async def create_prepared(
         self,
-        request: Text2VideoRequest,
+        request: Any,
         settings: CreateSettings,
         state: CreateState | None = None,
     ) -> Task:
@@ -276,7 +279,7 @@ class TaskResource:
         task = await create_task(
             self._api,
             self._path,
-            request_body(request),
+            self.family.body(request),
             state=state,
             lookups=self.lookups if self.lookups.configured else None,
             settings=settings,
@@ -394,7 +397,15 @@ class TaskResource:
 
 
 class Text2VideoResource(TaskResource):
-    """``client.text2video``: text-to-video tasks."""
+    """``client.text2video``: text-to-video tasks, the resource bound to ``TEXT2VIDEO``.
+
+    ``path`` is accepted for callers that still pass it; it must be the family's.
+    """
+
+    def __init__(self, api: Api, path: str = TEXT2VIDEO.path, /, **settings: Any) -> None:
+        if path != TEXT2VIDEO.path:
+            raise ValidationError("path", path, f"text2video lives at {TEXT2VIDEO.path}")
+        super().__init__(api, TEXT2VIDEO, **settings)
 
     async def create(self, request: Text2VideoRequest) -> Task:
         """Create one task and return its first snapshot (usually ``submitted``).

@@ -10,15 +10,36 @@ an exception chain ends up in logs and tracebacks. Text that came from the serve
 line, a reason) passes through the caller's redactor first.
 
 Result files are fetched through separate sessions, one per :class:`AddressPolicy`, whose
-resolver enforces the policy on the addresses it hands to the connector (see ``_addresses``):
+resolver enforces the policy on the addresses it hands to the connector (see ``addresses``):
 a pooled connection is never shared between two policies.
+
+Proxies: with ``trust_env`` (the default) the proxy settings of the environment are honoured,
+``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` and ``NO_PROXY`` (any case), read when the
+transport opens, for the API and for result files alike; ``trust_env=False`` connects
+directly whatever the environment says. The sessions themselves are always made with
+aiohttp's ``trust_env=False``, and the proxy is passed per request: aiohttp's own
+``trust_env=True`` also reads ``~/.netrc`` (or ``$NETRC``) and sends the login it finds for a
+host (the ``default`` entry for any host) as Basic auth, which would hand a netrc password
+to whatever CDN a result URL names, and would make every API request fail (aiohttp refuses a
+netrc login alongside our ``Authorization`` header). No credential from a netrc file is ever
+sent. A proxy's own login goes in its URL (``http://user:pass@proxy:3128``), and is sent to
+the proxy only. Through a proxy the proxy connects, not this machine, so a result file's
+host must resolve *here* to public addresses (or be the API host, or be in
+``allowed_hosts``) before the request goes to the proxy.
+
+Counts: :attr:`HttpTransport.api_requests` and :attr:`HttpTransport.file_requests` count the
+requests sent (each attempt, whatever its outcome). At DEBUG, each attempt is one log line
+(method, path without query values, status, request id, elapsed ms, attempt number).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import ssl
+import time
+import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,9 +50,16 @@ import aiohttp.resolver
 import attrs
 import yarl
 
-from kling_async._errors import DownloadError, TransportError, no_redaction, redact_url
+from kling_async._errors import (
+    AddressRefused,
+    DownloadError,
+    TransportError,
+    UsageError,
+    no_redaction,
+    redact_url,
+)
 from kling_async._version import __version__
-from kling_async.http.addresses import AddressPolicy, AddressRefused
+from kling_async.http.addresses import AddressPolicy, parse_ip_literal
 from kling_async.protocol.retry import parse_retry_after
 
 __all__ = ["ByteStream", "HttpTransport", "RawResponse", "Timeouts", "redact_url"]
@@ -149,21 +177,92 @@ class ByteStream:
             yield chunk
 
 
+def _shown_path(path: str, params: Mapping[str, str] | None) -> str:
+    """A path for the debug log: query parameter names, never their values."""
+    if not params:
+        return path
+    return path + "?" + "&".join(f"{name}=..." for name in params)
+
+
+#: ``NO_PROXY`` matching, from the given settings (urllib's; typeshed does not declare it).
+_proxy_bypass: Callable[[str, dict[str, str]], bool] = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+
+
+def _body_request_id(body: bytes) -> str | None:
+    """The envelope's ``request_id``, for the debug line only (parsed only when it is on)."""
+    if not body.startswith(b"{"):
+        return None
+    try:
+        value = json.loads(body).get("request_id")
+    except (ValueError, AttributeError):
+        return None
+    return " ".join(value.split())[:80] if isinstance(value, str) and value else None
+
+
+class _Proxies:
+    """The environment's proxy settings, read once (``urllib``'s reading of the variables,
+    which is aiohttp's, without the netrc file and without the system registries)."""
+
+    def __init__(self, trust_env: bool) -> None:
+        found = urllib.request.getproxies_environment() if trust_env else {}
+        self._env = found
+        self._urls: dict[str, yarl.URL] = {}
+        for scheme in ("http", "https"):
+            value = found.get(scheme) or found.get("all")
+            if value:
+                url = yarl.URL(value)
+                if url.scheme in ("http", "https") and url.host:
+                    self._urls[scheme] = url
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """The proxies' hosts: configuration, not network input, so downloads may connect."""
+        return frozenset(url.host for url in self._urls.values() if url.host)
+
+    def for_url(self, url: yarl.URL) -> tuple[yarl.URL | None, aiohttp.BasicAuth | None]:
+        """The proxy for ``url`` (None: connect directly) and the proxy's own login."""
+        proxy = self._urls.get(url.scheme)
+        host = url.host
+        if proxy is None or not host:
+            return None, None
+        if _proxy_bypass(host, self._env):
+            return None, None
+        auth = None
+        if proxy.user is not None:
+            auth = aiohttp.BasicAuth(proxy.user, proxy.password or "")
+            proxy = proxy.with_user(None)
+        return proxy, auth
+
+
 class _GuardedResolver(aiohttp.abc.AbstractResolver):
     """The system resolver, with the download policy applied to every answer: the connector
-    connects only to addresses this returns, so the check is on the address used."""
+    connects only to addresses this returns, so the check is on the address used. The
+    configured proxies are reached whatever their addresses (the user chose them)."""
 
-    def __init__(self, policy: AddressPolicy) -> None:
+    def __init__(self, policy: AddressPolicy, proxies: frozenset[str] = frozenset()) -> None:
         self._inner = aiohttp.resolver.DefaultResolver()
         self._policy = policy
+        self._proxies = proxies
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[aiohttp.abc.ResolveResult]:
+        if host in self._proxies:
+            return await self._inner.resolve(host, port, family)
         self._policy.check_host(host)
         results = await self._inner.resolve(host, port, family)
         self._policy.check_resolved(host, [result["host"] for result in results])
         return results
+
+    async def check(self, host: str) -> None:
+        """Resolve ``host`` only to check it (a proxy will connect): AddressRefused or OSError."""
+        self._policy.check_host(host)
+        if self._policy.allow_private or self._policy.trusts(host):
+            return
+        if parse_ip_literal(host) is not None:
+            return
+        results = await self._inner.resolve(host, 0, socket.AF_UNSPEC)
+        self._policy.check_resolved(host, [result["host"] for result in results])
 
     async def close(self) -> None:
         await self._inner.close()
@@ -179,14 +278,24 @@ class HttpTransport:
         timeouts: Timeouts,
         max_connections: int = 100,
         ssl_context: ssl.SSLContext | None = None,
+        trust_env: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.host = yarl.URL(self.base_url).host or ""
         self.timeouts = timeouts
         self._max_connections = max_connections
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        #: Honour the environment's proxy settings (never its netrc file: see the module).
+        self.trust_env = trust_env
+        self._proxies = _Proxies(False)
         self._session: aiohttp.ClientSession | None = None
-        self._file_sessions: dict[AddressPolicy, aiohttp.ClientSession] = {}
+        self._file_sessions: dict[
+            AddressPolicy, tuple[aiohttp.ClientSession, _GuardedResolver]
+        ] = {}
+        #: Requests sent to the API (each attempt, answered or not).
+        self.api_requests = 0
+        #: Requests sent for result files (each attempt and each redirect hop).
+        self.file_requests = 0
 
     def _new_session(self, resolver: aiohttp.abc.AbstractResolver | None) -> aiohttp.ClientSession:
         timeout = aiohttp.ClientTimeout(
@@ -203,15 +312,18 @@ class HttpTransport:
             connector=connector,
             headers={"User-Agent": f"kling-async/{__version__}", "Accept": "application/json"},
             raise_for_status=False,
+            # Never aiohttp's: it would read ~/.netrc too (see the module); proxies are ours.
+            trust_env=False,
         )
 
     async def open(self) -> None:
         if self._session is None:
+            self._proxies = _Proxies(self.trust_env)
             self._session = self._new_session(None)
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
-        sessions = [session, *self._file_sessions.values()]
+        sessions = [session, *(each for each, _resolver in self._file_sessions.values())]
         self._file_sessions = {}
         for each in sessions:
             if each is not None:
@@ -220,17 +332,18 @@ class HttpTransport:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            raise RuntimeError(
-                "the client is not open: use it inside `async with KlingClient(...)`"
-            )
+            raise UsageError("the client is not open: use it inside `async with KlingClient(...)`")
         return self._session
 
-    def _file_session(self, policy: AddressPolicy) -> aiohttp.ClientSession:
+    def _file_session(
+        self, policy: AddressPolicy
+    ) -> tuple[aiohttp.ClientSession, _GuardedResolver]:
         self.session  # noqa: B018 (raises when the client is not open)
-        session = self._file_sessions.get(policy)
-        if session is None:
-            session = self._file_sessions[policy] = self._new_session(_GuardedResolver(policy))
-        return session
+        pair = self._file_sessions.get(policy)
+        if pair is None:
+            resolver = _GuardedResolver(policy, self._proxies.hosts)
+            pair = self._file_sessions[policy] = (self._new_session(resolver), resolver)
+        return pair
 
     async def send(
         self,
@@ -241,14 +354,29 @@ class HttpTransport:
         params: Mapping[str, str] | None = None,
         json_body: Any = None,
         redact: Redact = no_redaction,
+        attempt: int = 1,
     ) -> RawResponse:
-        """One HTTP request. Raises :class:`TransportError` when no full answer arrived."""
+        """One HTTP request. Raises :class:`TransportError` when no full answer arrived.
+
+        ``attempt`` is its number within its call, for the debug log line."""
         url = self.base_url + path
         headers = {"Authorization": authorization}
+        session = self.session
+        proxy, proxy_auth = self._proxies.for_url(yarl.URL(url))
+        debug = log.isEnabledFor(logging.DEBUG)
+        started = time.perf_counter() if debug else 0.0
         failure: TransportError | None = None
+        self.api_requests += 1
         try:
-            async with self.session.request(
-                method, url, params=params, json=json_body, headers=headers, allow_redirects=False
+            async with session.request(
+                method,
+                url,
+                params=params,
+                json=json_body,
+                headers=headers,
+                allow_redirects=False,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
             ) as response:
                 body = await response.read()
                 status = response.status
@@ -273,8 +401,27 @@ class HttpTransport:
                 host=self.host,
             )
         if failure is not None:
+            if debug:
+                log.debug(
+                    "%s %s -> failed: %s; %.0f ms, attempt %d",
+                    method,
+                    _shown_path(path, params),
+                    failure,
+                    (time.perf_counter() - started) * 1000,
+                    attempt,
+                )
             raise failure  # outside the handler, so the aiohttp error is not its __context__
-        log.debug("%s %s -> HTTP %s (%d bytes)", method, path, status, len(body))
+        if debug:
+            log.debug(
+                "%s %s -> HTTP %s, request_id %s, %d bytes; %.0f ms, attempt %d",
+                method,
+                _shown_path(path, params),
+                status,
+                redact(request_id or _body_request_id(body) or "-"),
+                len(body),
+                (time.perf_counter() - started) * 1000,
+                attempt,
+            )
         # The request id is server text too; the decoder redacts it if an error quotes it.
         return RawResponse(status, body, request_id, retry_after)
 
@@ -298,6 +445,10 @@ class HttpTransport:
             policy.check_host(host)
         except AddressRefused as literal:
             raise DownloadError(f"refusing to download {shown}: {literal}", url=shown) from None
+        session, resolver = self._file_session(policy)
+        proxy, proxy_auth = self._proxies.for_url(target)
+        if proxy is not None:
+            await self._check_for_proxy(resolver, host, shown)
         timeout = None
         if stall_timeout is not None:
             timeout = aiohttp.ClientTimeout(
@@ -307,9 +458,17 @@ class HttpTransport:
                 sock_read=stall_timeout,
             )
         failure: Exception | None = None
+        debug = log.isEnabledFor(logging.DEBUG)
+        started = time.perf_counter() if debug else 0.0
+        self.file_requests += 1
         try:
-            response = await self._file_session(policy).get(
-                target, allow_redirects=False, headers={"Accept": "*/*"}, timeout=timeout
+            response = await session.get(
+                target,
+                allow_redirects=False,
+                headers={"Accept": "*/*"},
+                timeout=timeout,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
             )
         except aiohttp.InvalidURL as exc:
             # A verdict on the URL itself (e.g. a host no resolver may be asked): no retry.
@@ -331,9 +490,22 @@ class HttpTransport:
                 f"GET {shown}: no answer ({describe(exc)})", request_sent=True, host=host
             )
         if failure is not None:
+            if debug:
+                log.debug(
+                    "GET %s -> failed: %s; %.0f ms",
+                    shown,
+                    failure,
+                    (time.perf_counter() - started) * 1000,
+                )
             raise failure
         try:
-            log.debug("GET %s -> HTTP %s", shown, response.status)
+            if debug:
+                log.debug(
+                    "GET %s -> HTTP %s; %.0f ms to the headers",
+                    shown,
+                    response.status,
+                    (time.perf_counter() - started) * 1000,
+                )
             yield ByteStream(response, shown)
         finally:
             if response.content.at_eof():
@@ -342,3 +514,21 @@ class HttpTransport:
                 # Dropping a connection whose body was not read to the end beats draining the
                 # rest of a file nobody wants.
                 response.close()
+
+    async def _check_for_proxy(self, resolver: _GuardedResolver, host: str, shown: str) -> None:
+        """The address rule for a download a proxy will make: the proxy connects, so the
+        name is checked on the addresses it resolves to here (see the module docstring)."""
+        failure: DownloadError | None = None
+        try:
+            await resolver.check(host)
+        except AddressRefused as refused:
+            failure = DownloadError(f"refusing to download {shown}: {refused}", url=shown)
+        except OSError as exc:
+            failure = DownloadError(
+                f"refusing to download {shown} through the proxy: {host!r} does not resolve "
+                f"here ({exc.strerror or type(exc).__name__}), so its addresses cannot be "
+                "checked; list it in allowed_hosts to trust it",
+                url=shown,
+            )
+        if failure is not None:
+            raise failure

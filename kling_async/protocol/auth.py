@@ -6,7 +6,6 @@ token appears is the ``Authorization`` header this module hands to the HTTP laye
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections import deque
@@ -16,8 +15,6 @@ from typing import Protocol
 import attrs
 import jwt
 
-from kling_async._errors import KlingError
-
 __all__ = [
     "ENV_ACCESS_KEY",
     "ENV_API_KEY",
@@ -26,7 +23,6 @@ __all__ = [
     "Auth",
     "BearerAuth",
     "JWTAuth",
-    "auth_from",
 ]
 
 ENV_API_KEY = "KLING_API_KEY"
@@ -133,42 +129,3 @@ class JWTAuth:
 
     def __repr__(self) -> str:
         return "JWTAuth(access_key=***, secret_key=***)"
-
-
-def auth_from(
-    *,
-    api_key: str | None,
-    access_key: str | None,
-    secret_key: str | None,
-    jwt_clock: Callable[[], float] | None = None,
-) -> BearerAuth | JWTAuth:
-    """Pick the auth mode from explicit arguments, else from the documented variables.
-
-    Explicit arguments win over the environment; giving both modes at once is an error,
-    because which account would be billed must never be a guess.
-    """
-    if api_key is None and access_key is None and secret_key is None:
-        api_key = os.environ.get(ENV_API_KEY) or None
-        if api_key is None:
-            access_key = os.environ.get(ENV_ACCESS_KEY) or None
-            secret_key = os.environ.get(ENV_SECRET_KEY) or None
-    if api_key is not None and (access_key is not None or secret_key is not None):
-        raise KlingError("give either api_key (CometAPI) or access_key + secret_key, not both")
-    if api_key is not None:
-        if not isinstance(api_key, str) or not api_key.strip():
-            raise KlingError("api_key is empty")
-        return BearerAuth(api_key.strip())
-    if access_key is not None or secret_key is not None:
-        if not access_key or not secret_key:
-            missing = "secret_key" if access_key else "access_key"
-            raise KlingError(
-                f"{missing} is missing: the official API needs both access_key and secret_key "
-                f"(or {ENV_ACCESS_KEY} and {ENV_SECRET_KEY})"
-            )
-        if jwt_clock is None:
-            return JWTAuth(access_key, secret_key)
-        return JWTAuth(access_key, secret_key, clock=jwt_clock)
-    raise KlingError(
-        f"no credentials: pass api_key=... (CometAPI) or access_key=... and secret_key=... "
-        f"(Kling), or set {ENV_API_KEY}, or {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}"
-    )

@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
 import attrs
 
@@ -312,6 +312,26 @@ class Text2VideoRequest:
                     f"extra.{key}", self.extra[key], "duplicates a declared field; set it directly"
                 )
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field by its name, ``duration`` as its string, ``camera_control``
+        and ``extra`` as dicts, so a job store can persist it and :meth:`from_dict` rebuild it.
+
+        ``callback_url`` is kept (a resubmission needs it) and holds the callback's token.
+        """
+        from kling_async.protocol.converter import request_to_dict  # the converter imports us
+
+        return request_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """The request :meth:`to_dict` described, checked as the constructor checks it
+        (a :class:`ValidationError` names the field); unknown keys are refused."""
+        from kling_async.protocol.converter import request_from_dict
+
+        request = request_from_dict(data)
+        assert isinstance(request, cls)
+        return request
+
     @property
     def effective_model(self) -> str:
         return self.model_name or "kling-v1"
@@ -334,6 +354,12 @@ class Video:
     duration: float | None = None
     watermark_url: str | None = attrs.field(default=None, repr=_redacted)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"id", "url", "duration", "watermark_url"}``."""
+        from kling_async.protocol.converter import video_to_dict  # the converter imports us
+
+        return video_to_dict(self)
+
 
 @attrs.frozen(kw_only=True)
 class Task:
@@ -348,6 +374,27 @@ class Task:
     updated_at: datetime | None = None
     final_unit_deduction: str | None = None
     raw_status: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: attribute names, ``status`` as its value (``"succeed"``), datetimes as
+        ISO 8601, videos as dicts; :meth:`from_dict` gives the task back, equal.
+
+        Nothing secret is in it: the failure reason was redacted when the task was decoded
+        (video URLs are signed, though: they let anyone fetch the file until they expire).
+        """
+        from kling_async.protocol.converter import task_to_dict  # the converter imports us
+
+        return task_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """The task :meth:`to_dict` described. A status this SDK does not know reads as
+        UNKNOWN; keys it does not know are ignored (a newer SDK may have written them)."""
+        from kling_async.protocol.converter import task_from_dict
+
+        task = task_from_dict(data)
+        assert isinstance(task, cls)
+        return task
 
     @property
     def is_terminal(self) -> bool:

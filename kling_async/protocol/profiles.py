@@ -13,7 +13,7 @@ from typing import Literal
 
 import attrs
 
-from kling_async._errors import ValidationError
+from kling_async._errors import UnknownModelWarning, ValidationError
 from kling_async.protocol.models import Text2VideoRequest
 
 __all__ = [
@@ -49,10 +49,6 @@ RepeatedExternalId = Literal["reject", "return_first", "accept"]
 
 _CLASSIC_DURATIONS = ("5", "10")
 _V3_DURATIONS = tuple(str(n) for n in range(3, 16))
-
-
-class UnknownModelWarning(UserWarning):
-    """A ``model_name`` this SDK does not know; it is sent anyway."""
 
 
 @attrs.frozen(kw_only=True)

@@ -5,8 +5,10 @@ only): both path families, both auth modes, the task lifecycle on a scaled clock
 and rate limits, callbacks, playable files from a separate (optionally https) origin, seeded
 faults, and optionally a state file that survives restarts. ``emu.stats`` is the ground
 truth (tasks created per ``external_task_id``, requests per route, peak active tasks, ...).
+:func:`main` is the command line (``python -m kling_async.testing``, ``kling-async emulator``).
 """
 
+from ._cli import main
 from ._emulator import Emulator
 from ._faults import FaultKind, Faults
 from ._persist import StateFileError
@@ -20,4 +22,5 @@ __all__ = [
     "FaultKind",
     "Faults",
     "StateFileError",
+    "main",
 ]

@@ -19,21 +19,12 @@ import enum
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
-import attrs
 import jwt
 
 
 class AuthMode(enum.Enum):
     API_KEY = "api_key"
     JWT = "jwt"
-
-
-@attrs.frozen
-class Grant:
-    """An accepted caller: how it authenticated and as whom (the key or the JWT's issuer)."""
-
-    mode: AuthMode
-    principal: str = attrs.field(repr=False)
 
 
 class AuthError(Exception):
@@ -68,8 +59,8 @@ class Authenticator:
         """How many distinct JWTs were accepted."""
         return len(self._tokens_seen)
 
-    def verify(self, header: str | None, *, cometapi_family: bool) -> Grant:
-        """Accept the caller or raise :class:`AuthError` with the code the real server uses.
+    def verify(self, header: str | None, *, cometapi_family: bool) -> AuthMode:
+        """How the caller authenticated, or :class:`AuthError` with the code the real server uses.
 
         A bad bearer key on the ``/kling/...`` family answers in CometAPI's envelope, because that
         path family is CometAPI's gateway and its gateway rejects keys before Kling sees them.
@@ -98,12 +89,12 @@ class Authenticator:
         if is_jwt:
             return self._verify_jwt(token)
         if token in self._api_keys:
-            return Grant(AuthMode.API_KEY, token)
+            return AuthMode.API_KEY
         if cometapi_family:
             raise AuthError(1000, "Invalid token", cometapi_code="invalid_api_key")
         raise AuthError(1000, "Authentication failed: unknown API key")
 
-    def _verify_jwt(self, token: str) -> Grant:
+    def _verify_jwt(self, token: str) -> AuthMode:
         try:
             header = jwt.get_unverified_header(token)
             claims = jwt.decode(token, options={"verify_signature": False})
@@ -148,4 +139,4 @@ class Authenticator:
         if exp <= now:
             raise AuthError(1004, "Authorization has expired (exp is in the past)")
         self._tokens_seen.add(token)
-        return Grant(AuthMode.JWT, issuer)
+        return AuthMode.JWT

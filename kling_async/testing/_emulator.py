@@ -8,11 +8,13 @@ import os
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self
 
 import aiohttp
 import anyio
+import anyio.abc
 import attrs
 from aiohttp import web
 
@@ -66,9 +68,13 @@ class Emulator:
     Use it as ``async with Emulator(time_scale=0.001) as emu:`` and point a client at
     ``emu.url`` (or ``emu.url + "/kling"``) with ``emu.api_key`` (CometAPI-style bearer key) or
     ``emu.access_key`` / ``emu.secret_key`` (official-API JWTs). Result files are served from a
-    second port, ``emu.files_url``, as a CDN would serve them. ``await emu.start()`` and
-    ``await emu.aclose()`` do the same without a block. Everything the emulator runs (both
-    servers, the callback scheduler, the state file) is stopped when it closes.
+    second port, ``emu.files_url``, as a CDN would serve them. Everything the emulator runs
+    (both servers, the callback scheduler, the state file) lives in one task group: with
+    ``async with`` that group belongs to the block (nothing outlives it, and a failure inside the
+    emulator surfaces there). ``await emu.start()`` and ``await emu.aclose()`` do the same without
+    a block, for code that cannot nest one (a portal, a fixture split across tasks): the group is
+    then hosted by one task the emulator owns, which ``aclose()`` ends and waits for (re-raising
+    a failure), so a started emulator must be closed.
 
     Times are in *emulated* seconds: one lasts ``time_scale`` real seconds. The wire timestamps
     are wall-clock Unix milliseconds of those instants (real time, see ``EmulatedClock``). Task
@@ -254,13 +260,30 @@ class Emulator:
         )
         self._url: str | None = None
         self._files_url: str | None = None
-        self._service: asyncio.Task[None] | None = None
+        self._started = False
         self._closed = False
+        self._finished = asyncio.Event()  # set when _serve has stopped everything it started
+        # The block form's task group (entered by __aenter__, exited by __aexit__) ...
+        self._scope: AsyncExitStack | None = None
+        # ... or the task that hosts the same group for start() / aclose().
+        self._owner: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        await self.start()
+        self._claim()
+        stack = AsyncExitStack()
+        task_group = await stack.enter_async_context(anyio.create_task_group())
+        try:
+            url = await task_group.start(self._serve, name="kling-emulator")
+        except BaseException:
+            # It never served (the port is taken, ...): leave the empty group and raise the
+            # cause itself, not a group around it.
+            self._closed = True
+            await stack.aclose()
+            raise
+        self._scope = stack
+        self._ready(url)
         return self
 
     async def __aexit__(
@@ -268,43 +291,95 @@ class Emulator:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         traceback: TracebackType | None,
-    ) -> None:
+    ) -> bool | None:
+        scope, self._scope = self._scope, None
+        # Stop first, then leave the group: the servers shut down in order (in-flight handlers
+        # finish, stalls end) instead of being cancelled because the block raised.
         await self.aclose()
+        if scope is None:
+            return None
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            return await scope.__aexit__(exc_type, exc, traceback)  # its own, or passing through
+        # Nothing of the group runs any more, so leaving it can raise only the emulator's own
+        # failure; the block's exception goes on as itself, not wrapped in an ExceptionGroup.
+        await scope.__aexit__(None, None, None)
+        return None
 
     async def start(self) -> None:
-        """Bind the port and start serving; returns once ``url`` is valid."""
-        if self._service is not None:
-            raise RuntimeError("this Emulator was already started; create a new one")
-        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        service = asyncio.create_task(self._serve(ready), name="kling-emulator")
-        self._service = service
+        """Bind the port and start serving; returns once ``url`` is valid.
+
+        The non-block form of ``async with``: the emulator's task group is hosted by one task
+        it owns until :meth:`aclose`, which must follow.
+        """
+        self._claim()
+        url: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        host = asyncio.create_task(self._hosted(url), name="kling-emulator-host")
+        self._owner = host
         try:
-            waiters: set[asyncio.Future[Any]] = {ready, service}
+            waiters: set[asyncio.Future[Any]] = {url, host}
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             await self.aclose()
+            if url.done():
+                url.exception()  # seen: whatever it holds is not "never retrieved"
             raise
-        if not ready.done():
-            ready.cancel()
-            self._closed = True
-            service.result()  # re-raises why it could not start (e.g. the port is taken)
-            raise RuntimeError("the emulator stopped before it was ready")
-        self._url = ready.result()
+        if url.done() and url.exception() is None:
+            self._ready(url.result())
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await host  # ended or ending: it never served; re-raises a failure of its own
+        url.result()  # re-raises why it could not start (e.g. the port is taken)
+        raise RuntimeError("the emulator stopped before it was ready")
+
+    async def _hosted(self, url: asyncio.Future[str]) -> None:
+        """The one task of the non-block form: it holds the group that runs everything."""
+        async with anyio.create_task_group() as task_group:
+            try:
+                address = await task_group.start(self._serve, name="kling-emulator")
+            except Exception as exc:  # it never served: start() raises the cause itself
+                url.set_exception(exc)
+                return
+            url.set_result(address)
+
+    def _claim(self) -> None:
+        if self._started:
+            raise RuntimeError("this Emulator was already started; create a new one")
+        self._started = True
+
+    def _ready(self, url: str) -> None:
+        self._url = url
         self._files_url = self._links.origin()
 
     async def aclose(self) -> None:
-        """Stop serving and wait until everything the emulator started has ended. Idempotent."""
-        if self._service is None or self._closed:
+        """Stop serving and wait until everything the emulator started has ended. Idempotent.
+
+        Inside ``async with`` it stops the emulator early (the block's end then has nothing
+        left to wait for).
+        """
+        if not self._started or self._closed:
             return
         self._closed = True
         self._stop.set()
         # Shielded: a caller being cancelled must still leave nothing running behind it, and the
         # shutdown is bounded (stalls end at once, handlers get _SHUTDOWN_TIMEOUT at most).
         with anyio.CancelScope(shield=True):
-            await self._service
+            if self._owner is not None:
+                await self._owner  # re-raises a failure of the emulator
+            else:
+                await self._finished.wait()
 
-    async def _serve(self, ready: asyncio.Future[str]) -> None:
-        """The one task that owns both servers, the callback scheduler and the state file."""
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[str]) -> None:
+        """The one task that owns both servers, the callback scheduler and the state file.
+
+        It reports the API's URL once both servers listen, then serves until ``_stop``.
+        """
+        try:
+            await self._run_servers(task_status)
+        finally:
+            self._finished.set()
+
+    async def _run_servers(self, task_status: anyio.abc.TaskStatus[str]) -> None:
         app = self._server.application()
         if self._admin:
             add_admin_routes(app, self)
@@ -319,6 +394,7 @@ class Emulator:
         ]
         api, files = runners
         set_up: list[web.AppRunner] = []
+        session: aiohttp.ClientSession | None = None
         try:
             self._clock.start()
             await self._load_state()
@@ -331,18 +407,19 @@ class Emulator:
             host, port = api.addresses[0][:2]
             self._links.port = files.addresses[0][1]
             url = f"http://{format_host(host)}:{port}"
-            # The session outlives the task group, so it closes outside the cancelled scope.
-            async with (
-                aiohttp.ClientSession() as session,
-                anyio.create_task_group() as task_group,
-            ):
-                task_group.start_soon(self._callbacks.run, session)
-                ready.set_result(url)
+            # The callbacks' session outlives their task group: it closes in the shielded
+            # cleanup below, so even a cancelled emulator leaves no unclosed session behind.
+            session = aiohttp.ClientSession()
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(self._callbacks.run, session, name="kling-emulator-callbacks")
+                task_status.started(url)
                 await self._stop.wait()
                 task_group.cancel_scope.cancel()
         finally:
             self._closing.set()
             with anyio.CancelScope(shield=True):
+                if session is not None:
+                    await session.close()
                 for runner in set_up:
                     await runner.cleanup()
                 if self._state is not None:

@@ -224,7 +224,7 @@ class KlingServer:
                 429, 1302, "Too many requests: the request rate is over the limit"
             )
         try:
-            grant = self._auth.verify(
+            mode = self._auth.verify(
                 request.headers.get("Authorization"),
                 cometapi_family=request.path.startswith("/kling/"),
             )
@@ -234,7 +234,7 @@ class KlingServer:
             raise kling_rejection(401, exc.code, exc.message) from None
         finally:
             self._stats.tokens_seen = self._auth.tokens_seen
-        return grant.mode
+        return mode
 
     # -- answers -----------------------------------------------------------------------------
 

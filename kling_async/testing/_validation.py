@@ -45,6 +45,22 @@ class Profile:
     aspect_ratios: tuple[str, ...]
 
 
+DEFAULT_MODEL: Final = "kling-v1"
+DEFAULT_MODE: Final = "std"
+DEFAULT_DURATION: Final = "5"
+DEFAULT_ASPECT_RATIO: Final = "16:9"
+
+
+def modes_for(model_name: str) -> tuple[str, ...]:
+    """The modes a known model accepts (every model takes both today)."""
+    return MODES
+
+
+def clip_seconds_for(model_name: str) -> tuple[str, ...]:
+    """The clip lengths (seconds, as the wire's strings) a known model accepts."""
+    return CLIP_SECONDS_V3 if model_name == "kling-v3" else CLIP_SECONDS
+
+
 COMETAPI: Final = Profile("cometapi", 500, 200, ("16:9", "9:16", "1:1", "4:3", "3:4", "3:2", "2:3"))
 OFFICIAL: Final = Profile("official", 2500, 2500, ("16:9", "9:16", "1:1"))
 
@@ -160,11 +176,10 @@ def parse_create(body: object, profile: Profile) -> CreateParams:
     if negative_prompt is not None:
         _check_length("negative_prompt", negative_prompt, profile.negative_prompt_limit, profile)
 
-    model_name = _choice(body, "model_name", "kling-v1", KNOWN_MODELS)
-    mode = _choice(body, "mode", "std", MODES)
-    aspect_ratio = _choice(body, "aspect_ratio", "16:9", profile.aspect_ratios)
-    clip_choices = CLIP_SECONDS_V3 if model_name == "kling-v3" else CLIP_SECONDS
-    duration = _choice(body, "duration", "5", clip_choices)
+    model_name = _choice(body, "model_name", DEFAULT_MODEL, KNOWN_MODELS)
+    mode = _choice(body, "mode", DEFAULT_MODE, modes_for(model_name))
+    aspect_ratio = _choice(body, "aspect_ratio", DEFAULT_ASPECT_RATIO, profile.aspect_ratios)
+    duration = _choice(body, "duration", DEFAULT_DURATION, clip_seconds_for(model_name))
 
     if "cfg_scale" in body:
         cfg_scale = body["cfg_scale"]

@@ -1,0 +1,382 @@
+"""The tracker: the one owner of every job's lifecycle and of the slot each job holds.
+
+A job is queued, takes a slot, is sent, becomes a task, is followed, is observed, ends; a task
+that ends gives its slot back. Those steps are spread over the submitter (creates), the
+pollers (polls and sweeps) and the outside world (callbacks, :meth:`KlingClient.observe`), and
+each used to change jobs and slots on its own: nine release sites, one missed and a slot leaks,
+one doubled and the account is overshot. Here every step is a method of :class:`Tracker`, and
+the submitter and pollers only report what they saw:
+
+- the slot is taken by :meth:`take_slot` or :meth:`track` and given back in exactly one place
+  (:meth:`_give_back`), guarded by the job's own record, so each job releases at most once;
+- a job's status only moves forward (queued -> submitting -> the task's statuses -> the end;
+  a create that must be retried goes back to queued, the only step back), so a late poll
+  answer never undoes what a sweep or a callback confirmed;
+- the end happens once (:meth:`_end`): the slot, the followed set, the duration statistics,
+  the job store and the log line all learn of it there.
+
+The per-job record (:class:`Entry`: the schedule's bookkeeping, the slot, the create's
+state) is private to the engine; :class:`~kling_async.engine.jobs.Job` keeps the public face.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+
+from kling_async._errors import KlingError, RestoredError, ValidationError
+from kling_async.engine.durations import DurationStats
+from kling_async.engine.jobs import EventHub, Job, JobStatus, error_message, error_type
+from kling_async.engine.limits import CreateOutcome, SlotLimiter
+from kling_async.engine.store import JobRecord, StoreWriter
+from kling_async.protocol.models import Task, TaskStatus, Text2VideoRequest
+from kling_async.protocol.schedule import ClassKey
+
+if TYPE_CHECKING:
+    from kling_async.engine.pollers import PollerPool
+
+__all__ = ["Entry", "Tracker"]
+
+log = logging.getLogger("kling_async")
+
+#: How far along each status is; a snapshot never moves a job to a lower rank.
+_RANK = {
+    JobStatus.QUEUED: 0,
+    JobStatus.SUBMITTING: 1,
+    JobStatus.SUBMITTED: 2,
+    JobStatus.PROCESSING: 3,
+    JobStatus.UNKNOWN: 3,
+    JobStatus.SUCCEEDED: 4,
+    JobStatus.FAILED: 4,
+    JobStatus.ERROR: 4,
+}
+
+
+@attrs.define(eq=False)
+class Entry:
+    """The engine's record of one job (see the module docstring). Times are monotonic."""
+
+    job: Job
+    class_key: ClassKey = ("", "", "")
+    #: The job holds one of the account's slots (from take_slot/track until its end).
+    holds_slot: bool = False
+    #: A create for it may have gone out (in this run or, for a loaded job, an earlier one).
+    sent: bool = False
+    #: When its task started, as far as we know, and whether that is our own submission time
+    #: (only then is its duration a measurement the statistics may learn from).
+    started_at: float = 0.0
+    measured: bool = False
+    #: The schedule: the age at the last poll, and the token of its live heap entry.
+    poll_age: float = 0.0
+    poll_token: int = 0
+    #: Poll rounds in a row that said "not found", or that failed, and since when.
+    not_found: int = 0
+    failures: int = 0
+    failing_since: float | None = None
+
+
+class Tracker:
+    """Owns jobs, their slots and their ends; see the module docstring."""
+
+    def __init__(
+        self,
+        hub: EventHub,
+        slots: SlotLimiter,
+        durations: DurationStats,
+        *,
+        store: StoreWriter | None = None,
+    ) -> None:
+        self._hub = hub
+        self.slots = slots
+        self.durations = durations
+        self.store = store
+        self.pollers: PollerPool | None = None
+        #: Every job of this client, by id and by task id (ended ones too: they still answer).
+        self.jobs: dict[str, Job] = {}
+        self.by_task: dict[str, Job] = {}
+        #: task_id -> job, for the jobs being followed (polled) now.
+        self.following: dict[str, Job] = {}
+        self.ended = 0
+        #: Called with each job that ends (the submitter counts rejections).
+        self.on_end: Callable[[Job], None] | None = None
+
+    # --- finding jobs ----------------------------------------------------------------------
+
+    def find(self, job_or_task_id: str) -> Job | None:
+        return self.jobs.get(job_or_task_id) or self.by_task.get(job_or_task_id)
+
+    @staticmethod
+    def entry(job: Job) -> Entry:
+        entry = job._engine
+        assert isinstance(entry, Entry)
+        return entry
+
+    def _register(self, job: Job, entry: Entry) -> None:
+        job._engine = entry
+        self.jobs[job.id] = job
+        if job.task_id is not None:
+            self.by_task[job.task_id] = job
+
+    # --- new jobs --------------------------------------------------------------------------
+
+    def queued(
+        self, request: Text2VideoRequest, *, sent: bool = False, replace: Job | None = None
+    ) -> Job:
+        """A new job for a prepared request (it has its ``external_task_id``). ``replace`` is
+        an ended job of that id that never had a task: the new attempt takes its place."""
+        job_id = request.external_task_id
+        assert job_id is not None
+        existing = self.jobs.get(job_id) or self.by_task.get(job_id)
+        if existing is not None and not (
+            existing is replace and existing.done and existing.task_id is None
+        ):
+            raise ValidationError(
+                "external_task_id", job_id, "is already the id of a job of this client"
+            )
+        job = Job(self._hub, job_id, request=request, external_task_id=job_id)
+        self._register(job, Entry(job, _class_of(request), sent=sent))
+        self._changed(job, JobStatus.QUEUED, None)
+        return job
+
+    def track(self, task_id: str, *, job: Job | None = None) -> Job:
+        """Follow a task created elsewhere (or loaded from a store): it holds a slot until
+        it ends, and is polled at once. A task already known gives its job back as it is."""
+        if job is None:
+            known = self.by_task.get(task_id)
+            if known is not None:
+                return known
+            job = Job(self._hub, task_id, task_id=task_id)
+            self._register(job, Entry(job, sent=True))
+        else:
+            job.task_id = task_id
+            self.by_task[task_id] = job
+        entry = self.entry(job)
+        entry.started_at = time.monotonic()
+        self.slots.hold(job.id)
+        entry.holds_slot = True
+        self._follow(job, poll_now=True)
+        self._touch(job)
+        return job
+
+    def track_snapshot(self, task: Task) -> Job:
+        """Follow a task from a snapshot the caller fetched: an ended one gives a finished
+        job at once (no slot, no poll), a running one is followed from it."""
+        known = self.by_task.get(task.task_id)
+        if known is not None:
+            if not known.done and self.following.get(task.task_id) is known:
+                self.snapshot(known, task, time.monotonic())
+            return known
+        job = Job(self._hub, task.task_id, task_id=task.task_id)
+        job.external_task_id = task.external_task_id
+        self._register(job, Entry(job, sent=True))
+        if task.is_terminal:
+            job.task = task
+            self._end(job, JobStatus.of(task.status), task)
+            return job
+        self.track(task.task_id, job=job)
+        self._snapshot(job, task, time.monotonic())
+        return job
+
+    def restore(self, record: JobRecord) -> Job:
+        """A job from the job store, registered as it was saved (nothing is announced): an
+        ended one answers ``kling.job(id)`` as before; the caller follows or submits the
+        others again (an unfinished job without a task goes back to ``queued``)."""
+        request = record.request
+        if request is not None and request.external_task_id != record.id:
+            request = attrs.evolve(request, external_task_id=record.id)
+        job = Job(
+            self._hub,
+            record.id,
+            request=request,
+            task_id=record.task_id,
+            external_task_id=record.id if request is not None else None,
+        )
+        job.possible_duplicate = record.possible_duplicate
+        job.task = record.task
+        if record.finished and record.error is not None:
+            job.error = RestoredError(record.error_type, record.error)
+        status = record.status
+        if not record.finished and record.task_id is None:
+            status = JobStatus.QUEUED
+        job._restore(status, record.created_at, record.updated_at)
+        key = _class_of(request) if request is not None else ("", "", "")
+        self._register(job, Entry(job, key, sent=record.sent))
+        return job
+
+    # --- the submitter's reports -----------------------------------------------------------
+
+    async def take_slot(self, job: Job) -> None:
+        await self.slots.acquire(job.id)
+        self.entry(job).holds_slot = True
+
+    async def submitting(self, job: Job) -> None:
+        """The job's create is about to go out: the job store records that first (the one
+        write the engine waits for), so a restart knows to look before sending again."""
+        entry = self.entry(job)
+        self._changed(job, JobStatus.SUBMITTING, job.task)
+        if not entry.sent:
+            entry.sent = True
+            if self.store is not None:
+                await self.store.durable(job)
+
+    def answered(self, job: Job, outcome: CreateOutcome) -> None:
+        """A create that held the job's slot was answered (see ``CreateOutcome``)."""
+        entry = self.entry(job)
+        if not entry.holds_slot:
+            return
+        if outcome in ("refused", "failed"):
+            entry.holds_slot = False
+        self.slots.answered(job.id, outcome)
+
+    def requeued(self, job: Job) -> None:
+        """The job goes back to wait for its next create (after a 1303, a storm, ...)."""
+        if not job.done and job.status is not JobStatus.QUEUED:
+            self._changed(job, JobStatus.QUEUED, job.task)
+
+    def created(self, job: Job, task: Task, sent_at: float, *, possible_duplicate: bool) -> None:
+        """The job's task exists and was seen: follow it from its submission time."""
+        if job.done:
+            return
+        entry = self.entry(job)
+        job.possible_duplicate = possible_duplicate
+        job.task_id = task.task_id
+        self.by_task[task.task_id] = job
+        entry.started_at = sent_at
+        entry.measured = True
+        self._snapshot(job, task, time.monotonic())
+        if not job.done:
+            self._follow(job)
+
+    def reject(self, job: Job, error: BaseException) -> None:
+        """The job ends without a task (refused, ambiguous, account stopped, ...)."""
+        self.fail(job, error)
+
+    # --- what the pollers and the outside saw ----------------------------------------------
+
+    def snapshot(self, job: Job, task: Task, observed_at: float) -> None:
+        """A confirmed snapshot of a followed job's task (a poll or a sweep)."""
+        if job.task_id is None or self.following.get(job.task_id) is not job:
+            return  # not followed (any more): a sweep and a poll can both see the end
+        self._snapshot(job, task, observed_at)
+        if not job.done:
+            entry = self.entry(job)
+            entry.poll_age = observed_at - entry.started_at
+            assert self.pollers is not None
+            self.pollers.schedule_next(entry)
+
+    def observe(self, task: Task, *, confirmed: bool) -> Job | None:
+        """A snapshot of a task seen elsewhere. Confirmed (the caller fetched it with the
+        account's credentials) it moves the job forward like a poll; unconfirmed (a callback,
+        anything from outside) it only brings the job's next authenticated poll forward to
+        now. Returns the job it concerns, or None if no followed job has that task."""
+        job = self.by_task.get(task.task_id)
+        if job is None or job.done or self.following.get(task.task_id) is not job:
+            return None
+        if confirmed:
+            self.snapshot(job, task, time.monotonic())
+        else:
+            assert self.pollers is not None
+            self.pollers.poll_now(self.entry(job))
+        return job
+
+    def fail(self, job: Job, error: BaseException) -> None:
+        """The job ends with ``error`` (its task, if any, kept on ``.task``)."""
+        if job.done:
+            return
+        job.error = error
+        self._end(job, JobStatus.ERROR, job.task)
+
+    # --- the one place states change -------------------------------------------------------
+
+    def _snapshot(self, job: Job, task: Task, observed_at: float) -> None:
+        if job.done:
+            return
+        status = JobStatus.of(task.status)
+        if _RANK[status] < _RANK[job.status]:
+            return  # older than what we know: states only move forward
+        job.task = task
+        if task.external_task_id and not job.external_task_id:
+            job.external_task_id = task.external_task_id
+        if task.status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED):
+            entry = self.entry(job)
+            if entry.measured:
+                # It ended between the previous look and this one: take the midpoint.
+                age = observed_at - entry.started_at
+                self.durations.observe(entry.class_key, (entry.poll_age + age) / 2)
+            self._end(job, status, task)
+        elif status is not job.status:
+            self._changed(job, status, task)
+        else:
+            self._touch(job)  # same status, a fresher snapshot (URLs, messages)
+
+    def _follow(self, job: Job, *, poll_now: bool = False) -> None:
+        assert job.task_id is not None
+        assert self.pollers is not None
+        self.following[job.task_id] = job
+        self.pollers.follow(self.entry(job), poll_now=poll_now)
+
+    def _changed(self, job: Job, status: JobStatus, task: Task | None) -> None:
+        job._change(status, task)
+        self._touch(job)
+
+    def _touch(self, job: Job) -> None:
+        if self.store is not None:
+            self.store.touch(job)
+
+    def _end(self, job: Job, status: JobStatus, task: Task | None) -> None:
+        entry = self.entry(job)
+        if job.task_id is not None and self.following.get(job.task_id) is job:
+            del self.following[job.task_id]
+        self._give_back(job, entry)
+        self.ended += 1
+        job._change(status, task)
+        self._touch(job)
+        _log_outcome(job)
+        if self.on_end is not None:
+            self.on_end(job)
+
+    def _give_back(self, job: Job, entry: Entry) -> None:
+        if entry.holds_slot:
+            entry.holds_slot = False
+            self.slots.release(job.id)
+
+    # --- the job store ---------------------------------------------------------------------
+
+    def record(self, job: Job) -> JobRecord:
+        """What the job store keeps of ``job`` now."""
+        error = job.error
+        return JobRecord(
+            id=job.id,
+            request=job.request,
+            task_id=job.task_id,
+            status=job.status,
+            task=job.task,
+            sent=self.entry(job).sent,
+            possible_duplicate=job.possible_duplicate,
+            error=None if error is None else error_message(error),
+            error_type=None if error is None else error_type(error),
+            created_at=job._made,
+            updated_at=job._updated,
+        )
+
+
+def _class_of(request: Text2VideoRequest) -> ClassKey:
+    return (request.effective_model, request.effective_mode, request.effective_duration)
+
+
+def _log_outcome(job: Job) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    if job.status is JobStatus.SUCCEEDED:
+        log.info("job %s succeeded (task %s)", job.id, job.task_id)
+    elif job.status is JobStatus.FAILED:
+        reason = job.task.status_message if job.task is not None else None
+        log.info("job %s failed (task %s): %s", job.id, job.task_id, reason or "no reason given")
+    else:
+        kind = type(job.error).__name__ if job.error is not None else "error"
+        detail = job.error if isinstance(job.error, KlingError) else kind
+        log.info("job %s ended without a result (%s): %s", job.id, kind, detail)
