@@ -213,8 +213,8 @@ def run(w: Workload, only: list[str] | None = None) -> dict[str, dict[str, float
         if only and name not in only:
             continue
         with w.emulator() as emu:
-            outcome = asyncio.run(contender(emu, w))  # type: ignore[arg-type]
-            results[name], durations = _report(name, w, emu, outcome)  # type: ignore[arg-type]
+            outcome: Run = asyncio.run(contender(emu, w))  # type: ignore[arg-type]
+            results[name], durations = _report(name, w, emu, outcome)
     if durations:
         bound(w, durations)
     base = results.get("fixed_6s_jitter")

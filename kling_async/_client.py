@@ -20,7 +20,7 @@ from kling_async.engine.jobs import EventHub, Job, JobEvent, as_completed
 from kling_async.engine.limits import AdaptiveLimit, RequestBudget, RequestLimiter, SlotLimiter
 from kling_async.engine.pollers import PollerPool
 from kling_async.engine.sqlite_store import SQLiteJobStore
-from kling_async.engine.store import JobStore, StoreWriter
+from kling_async.engine.store import JobRecord, JobStore, StoreWriter
 from kling_async.engine.submitter import Submitter
 from kling_async.engine.tracker import Tracker
 from kling_async.http.addresses import AddressPolicy
@@ -295,13 +295,16 @@ class KlingClient:
             if writer is not None:
                 # Written last thing before the session closes, after the task group ends.
                 stack.push_async_callback(writer.flush)
+            # Loaded before the task group exists, so a store that cannot load raises its own
+            # error out of ``async with``, not one wrapped in an exception group.
+            records = await writer.store.load() if writer is not None else []
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             submitters, pollers = self._workers
             self._task_group.start_soon(self._submitter.run, submitters, name="kling-submitters")
             self._task_group.start_soon(self._pool.run, pollers, name="kling-poll-dispatcher")
             if writer is not None:
                 self._task_group.start_soon(writer.run, name="kling-job-store")
-                await self._resume(writer.store)
+                self._resume(records)
             self._stack = stack.pop_all()
         return self
 
@@ -322,7 +325,10 @@ class KlingClient:
             self._task_group.cancel_scope.cancel()
         self._task_group = None
         try:
-            await stack.__aexit__(exc_type, exc, tb)
+            try:
+                await stack.__aexit__(exc_type, exc, tb)
+            finally:
+                self._tracker.closed()
         except BaseExceptionGroup as group:
             if exc is None:
                 raise
@@ -352,10 +358,10 @@ class KlingClient:
                 f"the client {state}: use it inside `async with KlingClient(...) as kling`"
             )
 
-    async def _resume(self, store: JobStore) -> None:
+    def _resume(self, records: list[JobRecord]) -> None:
         """Bring back the store's jobs: ended ones as they were, the rest followed again
         (by task id) or submitted again (looked up first if a create may have gone out)."""
-        for record in await store.load():
+        for record in records:
             job = self._tracker.restore(record)
             if job.done:
                 continue

@@ -28,6 +28,7 @@ Everything the SDK raises on purpose is a :class:`KlingError`::
     ├── WaitTimeoutError           a wait ran out of time (also a TimeoutError)
     ├── AmbiguousSubmissionError   a create may or may not have happened (carries external_task_id)
     ├── ClientClosedError          the client closed before the job ended (the task goes on)
+    ├── RestoredError              a job loaded from a store ended with this (type name, message)
     └── JobStoreError              a job store cannot be used (unreadable, or a newer layout)
 
 Warnings, issued (``warnings.warn``), never raised::
@@ -65,6 +66,7 @@ __all__ = [
     "IgnoredLookupError",
     "InvalidRequestError",
     "JobStoreError",
+    "RestoredError",
     "KlingError",
     "PolicyError",
     "RateLimitError",

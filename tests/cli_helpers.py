@@ -25,6 +25,8 @@ from typing import Any
 
 import attrs
 
+from kling_async.cli._journal import row_status
+
 ROOT = Path(__file__).resolve().parent.parent
 #: A distinctive key the emulator accepts; it must never appear in any output.
 KEY = "sk-cli-test-SECRET-7f3a9c1e5b2d4680"
@@ -258,16 +260,28 @@ def write_prompts(path: Path, count: int, tag: str = "clip") -> Path:
 
 
 def journal_rows(out: Path) -> list[dict[str, Any]]:
-    """Every journal row as a dict (read-only; works while a batch writes, and after a kill)."""
+    """Every journal row as a dict, with its job's task id, status and duplicate flag from the
+    job store's record beside it (read-only; works while a batch writes, and after a kill)."""
     path = out / "kling-journal.sqlite3"
     if not path.exists():
         return []
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         db.row_factory = sqlite3.Row
         try:
-            return [dict(row) for row in db.execute("SELECT * FROM rows ORDER BY number")]
+            found = db.execute(
+                "SELECT r.*, j.task_id AS task_id, j.status AS job_status, j.task AS job_task, "
+                "coalesce(j.possible_duplicate, 0) AS possible_duplicate FROM rows r "
+                "LEFT JOIN kling_jobs j ON j.id = r.external_task_id ORDER BY r.number"
+            ).fetchall()
         except sqlite3.OperationalError:  # not created yet
             return []
+    rows = []
+    for found_row in found:
+        row = dict(found_row)
+        job, task = row.pop("job_status"), row.pop("job_task")
+        row["status"] = row_status(row["outcome"], job, row["task_id"], task)
+        rows.append(row)
+    return rows
 
 
 def created_for(emu: EmulatorProcess, rows: Sequence[dict[str, Any]]) -> list[int]:

@@ -491,9 +491,10 @@ def test_a_full_disk_is_reported_as_such_exits_1_and_a_rerun_bills_nothing_twice
         if mounted:
             path = "tmpfs"
             out.mkdir()
-            # Leave 112 KiB: room to open the journal and journal every row (about 90 KiB
-            # with its WAL and shared-memory files), not for the run's updates and clips.
-            filler.write_bytes(b"\0" * (400 * 1024))
+            # Leave 142 KiB: room to open the journal, its job store's tables and journal
+            # every row (about 115 KiB with its WAL and shared-memory files), not for the
+            # run's updates and clips.
+            filler.write_bytes(b"\0" * (370 * 1024))
         else:
             path = "injected ENOSPC"
             calls = {"apply": 0}
@@ -702,14 +703,46 @@ def test_a_row_with_its_own_id_whose_request_changed_is_not_sent(
     assert creates(server) == before
 
 
+#: The rows table of schema 3 (and 2), which kept each job's state in the row.
+LEGACY_ROWS = """
+CREATE TABLE rows (
+    row_key TEXT PRIMARY KEY, number INTEGER NOT NULL, line INTEGER NOT NULL,
+    request_hash TEXT NOT NULL, request_json TEXT NOT NULL,
+    external_task_id TEXT NOT NULL UNIQUE, attempt INTEGER NOT NULL DEFAULT 1, task_id TEXT,
+    status TEXT NOT NULL, video_id TEXT, video_url TEXT, file TEXT NOT NULL, sha256 TEXT,
+    size INTEGER, error TEXT, submitted_at REAL, finished_at REAL, updated_at REAL NOT NULL,
+    possible_duplicate INTEGER NOT NULL DEFAULT 0
+)
+"""
+LEGACY_COLUMNS = (
+    "row_key, number, line, request_hash, request_json, external_task_id, attempt, task_id, "
+    "status, video_id, video_url, file, sha256, size, error, submitted_at, finished_at, "
+    "updated_at, possible_duplicate"
+)
+
+
 def make_legacy(out: Path, version: str) -> None:
-    """Turn a journal into what an older version wrote: requests stored as their wire body
-    (set fields only, extras merged) and hashed so; schema 2 keys rows by that hash, schema 1
-    by position and keeps no id counter."""
+    """Turn a journal into what an older version wrote, by hand: schema 3 kept each job's
+    task id, status and flag in its row and had no job store tables; schema 2 and 1 also
+    stored requests as their wire body (set fields only, extras merged) and hashed so;
+    schema 2 keys rows by that hash, schema 1 by position and keeps no id counter."""
+    rows = journal_rows(out)
+    with contextlib.closing(sqlite3.connect(out / "kling-journal.sqlite3")) as db, db:
+        for table in ("rows", "kling_jobs", "kling_jobs_meta"):
+            db.execute(f"DROP TABLE {table}")
+        db.execute(LEGACY_ROWS)
+        names = [name.strip() for name in LEGACY_COLUMNS.split(",")]
+        db.executemany(
+            f"INSERT INTO rows ({LEGACY_COLUMNS}) VALUES ({', '.join('?' for _ in names)})",  # noqa: S608
+            [tuple(row[name] for name in names) for row in rows],
+        )
+        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+    if version == "3":
+        return
     occurrences: dict[str, int] = {}
     with contextlib.closing(sqlite3.connect(out / "kling-journal.sqlite3")) as db, db:
-        rows = db.execute("SELECT row_key, number, request_json FROM rows ORDER BY number")
-        for key, number, stored in rows.fetchall():
+        stored_rows = db.execute("SELECT row_key, number, request_json FROM rows ORDER BY number")
+        for key, number, stored in stored_rows.fetchall():
             record = json.loads(stored)
             body = {k: v for k, v in record.items() if v is not None and k != "extra"}
             body.update(record.get("extra") or {})
@@ -728,7 +761,7 @@ def make_legacy(out: Path, version: str) -> None:
             db.execute("DELETE FROM meta WHERE key = 'next_id'")
 
 
-@pytest.mark.parametrize("version", ["1", "2"])
+@pytest.mark.parametrize("version", ["1", "2", "3"])
 def test_an_older_journal_is_migrated_and_nothing_is_billed_again(
     server: EmulatorProcess, tmp_path: Path, version: str
 ) -> None:
@@ -755,7 +788,12 @@ def test_an_older_journal_is_migrated_and_nothing_is_billed_again(
     ids = [row["external_task_id"] for row in rows]
     assert ids == [f"kb-{batch}-4", f"kb-{batch}-1", own, f"kb-{batch}-3"]
     with contextlib.closing(sqlite3.connect(out / "kling-journal.sqlite3")) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
+        # The jobs' state lives in the job store's records now, every task id kept.
+        columns = {info[1] for info in db.execute("PRAGMA table_info(rows)")}
+        assert not columns & {"task_id", "status", "possible_duplicate"}
+        held = dict(db.execute("SELECT id, task_id FROM kling_jobs"))
+    assert all(held[row["external_task_id"]] == row["task_id"] for row in rows)
 
 
 # --- 9. the base URL is checked before anything is written ---------------------------------------

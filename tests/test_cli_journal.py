@@ -10,9 +10,12 @@ import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 
+import anyio
+import attrs
 import pytest
 
 import kling_async as ka
+from kling_async.cli._jobs import BatchJobs
 from kling_async.cli._journal import Journal, JournalError
 from kling_async.cli._prompts import Defaults, PromptRow, load_prompts
 
@@ -22,6 +25,27 @@ from .cli_helpers import run_main, write_prompts
 def rows_of(path: Path, text: str) -> tuple[PromptRow, ...]:
     path.write_text(text)
     return load_prompts(path, Defaults(), ka.COMETAPI).rows
+
+
+def open_jobs(journal: Journal) -> None:
+    """Open (and close) the journal's job store: makes its tables, migrates a schema-3 file."""
+
+    async def run() -> None:
+        jobs = BatchJobs(journal)
+        await jobs.open()
+        await jobs.aclose()
+
+    anyio.run(run)
+
+
+def save_jobs(path: Path, *records: ka.JobRecord) -> None:
+    """Write job records as a run's client would, into the journal file's job store."""
+
+    async def run() -> None:
+        async with ka.SQLiteJobStore(path) as store:
+            await store.save(records)
+
+    anyio.run(run)
 
 
 def test_prepare_writes_every_row_pending_with_a_derived_external_id(tmp_path: Path) -> None:
@@ -91,13 +115,16 @@ def test_restarted_rows_get_a_new_attempt_and_a_new_external_id(tmp_path: Path) 
         rows = rows_of(tmp_path / "p.txt", "a\n")
         key = rows[0].key
         first = journal.prepare(rows, backend="b", prompts="p").rows[key]
-        journal.apply({key: {"status": "failed", "task_id": "t1", "error": "boom"}})
+        failed = ka.JobRecord(id=first.external_task_id, task_id="t1", status=ka.JobStatus.FAILED)
+        save_jobs(journal.path, failed)
+        journal.apply({key: {"error": "boom"}})
+        assert journal.rows()[key].status == "failed"
         restarted = journal.prepare(
             rows, backend="b", prompts="p", restart=lambda r: r.status == "failed"
         ).rows[key]
         assert restarted.external_task_id == first.external_task_id + "-a2"
         assert (restarted.status, restarted.task_id, restarted.error) == ("pending", None, None)
-        journal.apply({key: {"status": "failed"}})
+        save_jobs(journal.path, attrs.evolve(failed, id=restarted.external_task_id))
         third = journal.prepare(
             rows, backend="b", prompts="p", restart=lambda r: r.status == "failed"
         ).rows[key]
@@ -124,6 +151,8 @@ def test_only_known_columns_can_be_updated(tmp_path: Path) -> None:
         journal.prepare(rows, backend="b", prompts="p")
         with pytest.raises(ValueError, match="not updatable"):
             journal.apply({rows[0].key: {"request_hash": "x"}})
+        with pytest.raises(ValueError, match="not updatable"):
+            journal.apply({rows[0].key: {"task_id": "x"}})  # the job store's, not the row's
     finally:
         journal.close()
 
@@ -239,6 +268,7 @@ def test_a_schema_2_journal_is_read_as_is_and_migrated_keeping_every_task(tmp_pa
         assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
     journal = Journal.open(path)
     try:
+        open_jobs(journal)
         preparation = journal.prepare(rows, backend="b", prompts="p")
         # Every row is known: none is new, so none would be submitted again.
         assert preparation.fresh == frozenset()
@@ -254,7 +284,7 @@ def test_a_schema_2_journal_is_read_as_is_and_migrated_keeping_every_task(tmp_pa
         assert [preparation.rows[row.key].request_hash for row in rows] == [
             row.request_hash for row in rows
         ]
-        assert journal.meta["schema"] == "3"
+        assert journal.meta["schema"] == "4"
     finally:
         journal.close()
     again = Journal.open(path)  # a migrated journal opens as it is
@@ -262,3 +292,122 @@ def test_a_schema_2_journal_is_read_as_is_and_migrated_keeping_every_task(tmp_pa
         assert again.prepare(rows, backend="b", prompts="p").fresh == frozenset()
     finally:
         again.close()
+
+
+# --- schema 3 (today's journals) to the job store's records ---------------------------------------
+
+
+def write_schema_3(path: Path) -> list[str]:
+    """A schema-3 journal made by hand: job state in the rows (SCHEMA_2 is its layout too),
+    requests stored as their ``to_dict()``. Returns the prompts, one row each."""
+    rows = [
+        ("a", "kb-b3-1", "t-1", "done"),
+        ("b", "kb-b3-2", "t-2", "succeeded"),
+        ("c", "kb-b3-3", None, "pending"),
+        ("gone", "kb-b3-4", "t-4", "processing"),  # no longer in the file
+    ]
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(SCHEMA_2)
+        db.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [("schema", "3"), ("batch_id", "b3"), ("backend", "b"), ("next_id", "5")],
+        )
+        for number, (prompt, external, task_id, status) in enumerate(rows, start=1):
+            encoded = wire_json(ka.Text2VideoRequest(prompt=prompt).to_dict())
+            digest = hashlib.sha256(encoded.encode()).hexdigest()
+            db.execute(
+                "INSERT INTO rows (row_key, number, line, request_hash, request_json, "
+                "external_task_id, task_id, status, file, sha256, updated_at, "
+                "possible_duplicate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                (
+                    f"{digest}#1",
+                    number,
+                    number,
+                    digest,
+                    encoded,
+                    external,
+                    task_id,
+                    status,
+                    f"{number}.mp4",
+                    "f" * 64 if status == "done" else None,
+                    int(prompt == "b"),
+                ),
+            )
+    return [prompt for prompt, *_ in rows]
+
+
+def test_a_schema_3_journal_moves_its_jobs_into_the_job_store_keeping_every_task(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.sqlite3"
+    write_schema_3(path)
+    rows = rows_of(tmp_path / "p.txt", "a\nb\nc\n")
+    journal = Journal.open(path)
+    try:
+        before = {row.external_task_id: row for row in journal.rows().values()}
+        open_jobs(journal)
+        after = {row.external_task_id: row for row in journal.rows().values()}
+        # The same rows, read now from the batch's columns and the jobs' records.
+        assert {k: (r.task_id, r.status, r.possible_duplicate) for k, r in after.items()} == {
+            k: (r.task_id, r.status, r.possible_duplicate) for k, r in before.items()
+        }
+        assert journal.meta["schema"] == "4"
+        preparation = journal.prepare(rows, backend="b", prompts="p")
+        assert preparation.fresh == frozenset()
+        assert [row.external_task_id for row in preparation.orphans] == ["kb-b3-4"]
+    finally:
+        journal.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        columns = {info[1] for info in db.execute("PRAGMA table_info(rows)")}
+        assert not columns & {"task_id", "status", "possible_duplicate"}
+        held = {
+            row[0]: row[1:]
+            for row in db.execute("SELECT id, task_id, status, sent FROM kling_jobs")
+        }
+    # Every task id kept; the pending row may have been POSTed: it is looked up, not re-sent.
+    assert held == {
+        "kb-b3-1": ("t-1", "succeed", 1),
+        "kb-b3-2": ("t-2", "succeed", 1),
+        "kb-b3-3": (None, "queued", 1),
+        "kb-b3-4": ("t-4", "processing", 1),
+    }
+
+
+def test_the_journal_store_loads_only_the_rows_of_this_run(tmp_path: Path) -> None:
+    """What the client resumes: the planned rows only (an orphan's unfinished task is never
+    followed or sent), a row still to do whose task ended is followed afresh, a done row is
+    given back as it ended, and a row with no record yet is a job never sent."""
+    path = tmp_path / "j.sqlite3"
+    write_schema_3(path)
+    journal = Journal.open(path)
+
+    async def run() -> list[ka.JobRecord]:
+        jobs = BatchJobs(journal)
+        await jobs.open()
+        try:
+            current = {row.external_task_id: row for row in journal.rows().values()}
+            fresh = attrs.evolve(current["kb-b3-3"], external_task_id="kb-b3-9")
+            jobs.plan(
+                [
+                    (current["kb-b3-1"], False),  # done: as it ended
+                    (current["kb-b3-2"], True),  # succeeded, clip not saved: follow again
+                    (current["kb-b3-3"], True),  # pending: resumed, looked up first
+                    (fresh, True),  # never recorded: never sent
+                ]
+            )
+            return await jobs.load()
+        finally:
+            await jobs.aclose()
+
+    try:
+        loaded = {record.id: record for record in anyio.run(run)}
+    finally:
+        journal.close()
+    assert set(loaded) == {"kb-b3-1", "kb-b3-2", "kb-b3-3", "kb-b3-9"}  # not kb-b3-4
+    assert (loaded["kb-b3-1"].status, loaded["kb-b3-1"].finished) == (ka.JobStatus.SUCCEEDED, True)
+    assert (loaded["kb-b3-2"].status, loaded["kb-b3-2"].task_id) == (ka.JobStatus.SUBMITTED, "t-2")
+    assert loaded["kb-b3-2"].possible_duplicate is True
+    assert (loaded["kb-b3-3"].status, loaded["kb-b3-3"].sent) == (ka.JobStatus.QUEUED, True)
+    new = loaded["kb-b3-9"]
+    assert (new.status, new.sent, new.task_id) == (ka.JobStatus.QUEUED, False, None)
+    assert new.request == ka.Text2VideoRequest(prompt="c", external_task_id="kb-b3-9")

@@ -117,7 +117,7 @@ def test_every_sdk_module_imports() -> None:
             continue
         importlib.import_module(module.name)
     from kling_async.http.addresses import AddressRefused
-    from kling_async.http.resources import IgnoredLookupError
+    from kling_async.http.resources import IgnoredLookupError  # type: ignore[attr-defined]
 
     assert AddressRefused is _errors.AddressRefused
     assert IgnoredLookupError is _errors.IgnoredLookupError

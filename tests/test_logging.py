@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -136,11 +137,12 @@ async def test_no_secret_in_any_record_at_debug(
             **credentials,  # type: ignore[arg-type]
         ) as kling:
             token = kling._auth.header().removeprefix("Bearer ")
-            for call in (
+            calls: list[Callable[[], Awaitable[object]]] = [
                 lambda: kling.text2video.get("123"),
                 lambda: kling.text2video.get(external_task_id="job-1"),
                 lambda: kling.text2video.create(ka.Text2VideoRequest(prompt="p")),
-            ):
+            ]
+            for call in calls:
                 with contextlib.suppress(ka.KlingError):
                     await call()
     texts = record_texts(caplog.records)

@@ -63,6 +63,7 @@ TOP_LEVEL = [
     "RequestBudget",
     "RequestLimiter",
     "ResponseDecodeError",
+    "RestoredError",
     "RetryPolicy",
     "SQLiteJobStore",
     "ServerError",

@@ -31,7 +31,7 @@ from ._journal import JOURNAL_NAME, JournalError, journal_path
 from ._prompts import PromptFileError, load_prompts
 from ._run import EXIT_SOME_FAILED, EXIT_USAGE, interrupted_before_start, run_batch, say
 from ._secrets import RedactingStream, Redactor, scrub_argparse, secrets_in
-from ._settings import EMULATOR_TIME_SCALE, NO_KEY_HINT, BatchSettings, UsageError, settings_from
+from ._settings import EMULATOR_TIME_SCALE, NO_KEY_HINT, ArgumentError, BatchSettings, settings_from
 
 __all__ = ["build_parser", "main"]
 
@@ -256,7 +256,7 @@ def _batch(args: argparse.Namespace) -> int:
     console = Console(file=sys.stdout, force_terminal=True if args.progress == "live" else None)
     try:
         settings = settings_from(args)
-    except UsageError as exc:
+    except ArgumentError as exc:
         say(f"error: {exc}")
         return EXIT_USAGE
     with _log_to_stderr(verbose=args.verbose):
@@ -277,7 +277,7 @@ def _run(settings: BatchSettings, console: Console) -> int:
         from ._plan import show_plan
 
         return show_plan(settings, prompt_file, console)
-    if settings.credentials is None and not settings.emulator:
+    if not settings.has_key and not settings.emulator:
         say(f"error: {NO_KEY_HINT}")
         return EXIT_USAGE
     try:

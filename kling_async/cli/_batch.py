@@ -1,20 +1,23 @@
 """The batch runner: journal rows in, the engine in the middle, files and journal updates out.
 
 All the hard parts (limits, exactly-once creates, polling) belong to :class:`KlingClient`;
-this module only decides, per row, which of its doors to use, and writes down what happens:
+and the journal is the client's job store (:class:`~._jobs.BatchJobs`): the client resumes
+every job of the batch's rows when it opens (a row's job id is its ``external_task_id``), so
+this module only reaches each row's job and writes down what is the batch's:
 
-* a new row, or a pending row of this run: ``submit_many(...)``;
-* a pending row of an earlier run (maybe POSTed, never heard back):
-  ``submit_many(..., resume=True)``, which looks the ``external_task_id`` up before creating;
-* a row with a ``task_id``: ``track(task_id)``;
-* a row whose task succeeded but whose file is missing or does not hash to what was recorded:
-  ``track(task_id)`` too, which ends at its first look, then ``download`` from the task's
-  current URL (a journaled one may have expired or moved);
+* a row still to do: ``kling.job(id)``, the job the client resumed from the journal (created
+  directly if it was never sent, looked up first if it may have been, followed by its task id
+  if it has one, a finished task included, so a clip is fetched from its current URL); one
+  that ended with no task (an account error, an unreachable host) or that the store did not
+  have: ``kling.submit(request, resume=True)``, which queues it again under the same id and
+  looks it up before creating;
 * a done row (file present, same SHA-256), a failed or a rejected row: skipped.
 
-Every job reports through ``kling.events()``; each change becomes a journal update, grouped
-with others into one transaction by :class:`JournalWriter` so the event loop never waits on
-the disk.
+Every job reports through ``kling.events()`` (and, for what happened before the runner
+listened, through the job's state when it is reached). The job's own state (task id, status)
+is the engine's to record in the job store; the batch's (its verdict, the file, its sha256,
+its error in the batch's words, its times) becomes a journal update, grouped with others into
+one transaction by :class:`JournalWriter` so the event loop never waits on the disk.
 
 An account-level error (a rejected key, arrears) stops every submission: it is said once, when
 it happens, and the rows it kept from being sent are counted, not listed one by one.
@@ -35,7 +38,8 @@ import attrs
 import kling_async as ka
 
 from ._files import PART_SUFFIX, disk_full_message, is_disk_full
-from ._journal import Journal, JournalError, JournalRow, Preparation
+from ._jobs import BatchJobs, write_failure
+from ._journal import Journal, JournalRow, stored_request
 from ._progress import Reporter
 from ._rows import Phase, RowState
 
@@ -148,18 +152,7 @@ class JournalWriter:
                     for key, changes in batch.items():
                         self._pending[key] = {**changes, **self._pending.get(key, {})}
                     if isinstance(exc, Exception):
-                        path = self._journal.path
-                        problem = (
-                            f"{disk_full_message(path.parent)}: cannot write the journal {path}"
-                            if is_disk_full(exc)
-                            else f"cannot write the journal {path}: {exc}"
-                        )
-                        raise JournalError(
-                            f"{problem}; stopping, since a run that cannot record its tasks "
-                            "could not resume them. Fix it, then rerun the same command: tasks "
-                            "already created are looked up by their external_task_id, not "
-                            "created again"
-                        ) from exc
+                        raise write_failure(self._journal, exc) from exc
                     raise
 
 
@@ -170,7 +163,7 @@ class BatchRunner:
         self,
         kling: ka.KlingClient,
         journal: Journal,
-        preparation: Preparation,
+        jobs: BatchJobs,
         states: Sequence[RowState],
         *,
         out: Path,
@@ -179,7 +172,7 @@ class BatchRunner:
     ) -> None:
         self._kling = kling
         self._journal = journal
-        self._preparation = preparation
+        self._jobs = jobs
         self.states = tuple(states)
         self._out = out
         self._downloads = downloads
@@ -210,6 +203,7 @@ class BatchRunner:
                 self._reporter.attach(self.states, lambda: self._kling.stats)
                 task_group.start_soon(self._reporter.run)
                 task_group.start_soon(self._watch_connection)
+                task_group.start_soon(self._watch_store)
                 self._launch()
                 await self._finished.wait()
                 task_group.cancel_scope.cancel()
@@ -246,6 +240,12 @@ class BatchRunner:
                 self._reporter.note(f"reached {self._kling.host} again")
             await anyio.sleep(_CONNECTION_CHECK_SECONDS)
 
+    async def _watch_store(self) -> None:
+        """Stop the run when the client's writes to the journal fail (see ``BatchJobs``)."""
+        await self._jobs.failed.wait()
+        assert self._jobs.failure is not None
+        raise self._jobs.failure
+
     async def _follow_events(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
@@ -258,37 +258,22 @@ class BatchRunner:
                 self._on_event(state, event)
 
     def _launch(self) -> None:
-        fresh = self._preparation.fresh
-        new: list[RowState] = []
-        resumed: list[RowState] = []
+        """Reach every row's job; called once ``events()`` listens, so what a job did before
+        (the client resumed it when it opened) is read from the job and nothing is missed."""
         for state in self.states:
             if state.phase.is_final:
                 continue
-            record = state.record
             self._open += 1
-            if record.status == "pending":
-                (new if record.key in fresh else resumed).append(state)
-            elif record.task_id is not None:
-                # Running, or succeeded with no file on disk yet: follow the task (a finished
-                # one ends at the first look), and download from its current URL, not a
-                # journaled one that may have expired or moved since.
+            job = self._kling.job(state.record.external_task_id)
+            if job is None or (job.done and job.task_id is None):
+                with warnings.catch_warnings():
+                    # Unknown model names were reported once when the file was read.
+                    warnings.simplefilter("ignore", ka.UnknownModelWarning)
+                    job = self._kling.submit(stored_request(state.record), resume=True)
+            self._watch(state, job)
+            if job.task_id is not None:
                 state.move(Phase.SUBMITTED)
-                self._watch(state, self._kling.track(record.task_id))
-            else:  # pragma: no cover - a journal row no status explains; start it afresh
-                resumed.append(state)
-        for group, resume in ((new, False), (resumed, True)):
-            if not group:
-                continue
-            requests = [
-                attrs.evolve(state.row.request, external_task_id=state.record.external_task_id)
-                for state in group
-            ]
-            with warnings.catch_warnings():
-                # Unknown model names were reported once when the file was read.
-                warnings.simplefilter("ignore", ka.UnknownModelWarning)
-                jobs = self._kling.submit_many(requests, resume=resume)
-            for state, job in zip(group, jobs, strict=True):
-                self._watch(state, job)
+            self._on_change(state, job, job.status, job.task)
         if self._open == 0:
             self._finished.set()
 
@@ -304,31 +289,32 @@ class BatchRunner:
     # --- events -------------------------------------------------------------------------------
 
     def _on_event(self, state: RowState, event: ka.JobEvent) -> None:
-        task = event.task
+        self._on_change(state, event.job, event.status, event.task)
+
+    def _on_change(
+        self, state: RowState, job: ka.Job, status: ka.JobStatus, task: ka.Task | None
+    ) -> None:
+        if state.phase.is_final or state.downloading:
+            return  # said already (a job's state when reached, then its event)
         changes: dict[str, object] = {}
         if task is not None and state.task_id != task.task_id:
             state.task_id = task.task_id
-            changes["task_id"] = task.task_id
-            if event.job.possible_duplicate:
-                changes["possible_duplicate"] = 1
             if state.record.submitted_at is None:
                 # Our clock, not the task's created_at: the summary's seconds must not mix a
                 # server's (or a time-scaled emulator's) clock with ours.
                 submitted_at = time.time()
                 changes["submitted_at"] = submitted_at
                 state.record = attrs.evolve(state.record, submitted_at=submitted_at)
-        status = event.status
         key = state.row.key
         if status in (ka.JobStatus.SUBMITTED, ka.JobStatus.PROCESSING, ka.JobStatus.UNKNOWN):
             phase = Phase.PROCESSING if status is ka.JobStatus.PROCESSING else Phase.SUBMITTED
-            changes["status"] = phase.value
-            self._writer.update(key, **changes)
+            if changes:
+                self._writer.update(key, **changes)
             if state.move(phase):
                 self._reporter.changed(state, f"{phase.value} (task {state.task_id})")
         elif status is ka.JobStatus.SUCCEEDED and task is not None:
             video = task.video
             changes.update(
-                status="succeeded",
                 video_id=video.id if video else None,
                 video_url=video.url if video else None,
             )
@@ -336,11 +322,11 @@ class BatchRunner:
             self._start_download(state, task)
         elif status is ka.JobStatus.FAILED and task is not None:
             reason = task.status_message or "the task failed (no reason given)"
-            changes.update(status="failed", error=reason, finished_at=time.time())
+            changes.update(error=reason, finished_at=time.time())
             self._writer.update(key, **changes)
             self._end(state, Phase.FAILED, reason)
         elif status is ka.JobStatus.ERROR:
-            self._on_error(state, event.job.error, changes)
+            self._on_error(state, job.error, changes)
 
     def _on_error(
         self, state: RowState, error: BaseException | None, changes: dict[str, object]
@@ -348,6 +334,10 @@ class BatchRunner:
         text = str(error) if error is not None else "the job ended without a result"
         changes["error"] = text
         phase = Phase.ERROR
+        if self._jobs.failure is not None:
+            # The journal cannot be written (said once, as the run stops): not a row's news.
+            self._end(state, phase, text, quiet=True)
+            return
         if isinstance(error, ka.AccountError | ka.AuthenticationError):
             if self.fatal is None:
                 self.fatal = error
@@ -379,7 +369,7 @@ class BatchRunner:
         ):
             # The server refused this request: sending it again would be refused again.
             phase = Phase.REJECTED
-            changes.update(status="rejected", finished_at=time.time())
+            changes.update(outcome="rejected", finished_at=time.time())
         self._writer.update(state.row.key, **changes)
         self._end(state, phase, text)
 
@@ -395,6 +385,7 @@ class BatchRunner:
     def _start_download(self, state: RowState, task: ka.Task) -> None:
         assert self._task_group is not None
         state.task_id = task.task_id
+        state.downloading = True
         self._task_group.start_soon(self._download, state, task)
 
     async def _download(self, state: RowState, task: ka.Task) -> None:
@@ -419,14 +410,14 @@ class BatchRunner:
                 else:
                     message = f"download failed: {exc}"
                 # The task succeeded; its file is not on disk (a row once done included).
-                self._writer.update(state.row.key, status="succeeded", error=message)
+                self._writer.update(state.row.key, outcome=None, error=message)
                 self._end(state, Phase.ERROR, message)
                 return
         finished_at = time.time()
         video = result.task.video
         self._writer.update(
             state.row.key,
-            status="done",
+            outcome="done",
             sha256=result.sha256,
             size=result.size,
             video_id=video.id if video else None,

@@ -47,6 +47,8 @@ from typing import Any, Final
 
 import attrs
 
+import kling_async as ka
+
 from . import _files
 from ._naming import clip_name, unique_name
 from ._prompts import PromptRow, canonical_json, request_from_body, request_hash, row_key
@@ -58,14 +60,20 @@ __all__ = [
     "JournalError",
     "JournalRow",
     "Preparation",
+    "row_status",
+    "stored_request",
 ]
 
 JOURNAL_NAME: Final = "kling-journal.sqlite3"
-SCHEMA_VERSION: Final = "3"
+SCHEMA_VERSION: Final = "4"
 #: Schema 1 keyed rows by position ("#3"); schema 2 hashed the wire body of a request, not
-#: its ``to_dict()``. Both are migrated (see the module docstring).
+#: its ``to_dict()``. Both are migrated to schema 3 when the journal opens (see the module
+#: docstring); schema 3 kept each job's state in ``rows``, and is migrated to 4 (the job
+#: store's tables) by :class:`~._jobs.BatchJobs`, which writes the job records first.
 _MIGRATED: Final = ("1", "2")
+_LEGACY: Final = ("1", "2", "3")
 
+#: A row's status, as the journal reads it from the row's outcome and its job's record:
 #: pending: journaled, maybe POSTed (a rerun looks it up by external id before creating);
 #: submitted / processing: the task exists (task_id known); succeeded: the task made its video,
 #: not downloaded yet; done: the file is in place with its sha256; failed: the task failed;
@@ -83,8 +91,7 @@ CREATE TABLE IF NOT EXISTS rows (
     request_json TEXT NOT NULL,
     external_task_id TEXT NOT NULL UNIQUE,
     attempt INTEGER NOT NULL DEFAULT 1,
-    task_id TEXT,
-    status TEXT NOT NULL,
+    outcome TEXT,
     video_id TEXT,
     video_url TEXT,
     file TEXT NOT NULL,
@@ -93,16 +100,20 @@ CREATE TABLE IF NOT EXISTS rows (
     error TEXT,
     submitted_at REAL,
     finished_at REAL,
-    updated_at REAL NOT NULL,
-    possible_duplicate INTEGER NOT NULL DEFAULT 0
+    updated_at REAL NOT NULL
 );
 """
+#: ``rows`` holds what is the batch's own: the row's identity and place, its request, its job
+#: id (``external_task_id``, the id of its record in the job store's ``kling_jobs``), its clip
+#: file and download, the batch's words for how it ended (``error``) and its times.
+#: ``outcome`` is the batch's verdict when it has one: ``done`` (the clip is in place with its
+#: sha256) or ``rejected`` (refused by the server, not sent again); otherwise the row stands
+#: where its job does (task id, status, possible duplicate: the job store's record).
 
 #: Columns a run may update after the rows are written.
 UPDATABLE: Final = frozenset(
     {
-        "task_id",
-        "status",
+        "outcome",
         "video_id",
         "video_url",
         "sha256",
@@ -110,9 +121,10 @@ UPDATABLE: Final = frozenset(
         "error",
         "submitted_at",
         "finished_at",
-        "possible_duplicate",
     }
 )
+#: The batch's verdicts a row's ``outcome`` may hold.
+OUTCOMES: Final = frozenset({"done", "rejected"})
 
 
 class JournalError(Exception):
@@ -163,6 +175,93 @@ _COLUMNS: Final = (
 #: The same, for a journal written before ``possible_duplicate`` was a column.
 _OLD_COLUMNS: Final = _COLUMNS.replace("possible_duplicate", "0")
 
+#: A row of schema 4 with its job's record beside it (the status is worked out in Python).
+_JOINED: Final = (
+    "SELECT r.row_key, r.number, r.line, r.request_hash, r.request_json, r.external_task_id, "
+    "r.attempt, {job}task_id, r.outcome, {job}status, {job}task, r.video_id, r.video_url, "
+    "r.file, r.sha256, r.size, r.error, r.submitted_at, r.finished_at, "
+    "{job}possible_duplicate FROM rows r {join} ORDER BY r.number, r.rowid"
+)
+_WITH_JOBS: Final = _JOINED.format(
+    job="j.", join="LEFT JOIN kling_jobs j ON j.id = r.external_task_id"
+)
+#: Before the job store's tables exist (a journal just made): no row has a job yet.
+_WITHOUT_JOBS: Final = _JOINED.format(job="NULL AS ", join="")
+
+_STATUS_OF_JOB: Final = {
+    "queued": "pending",
+    "submitting": "pending",
+    "submitted": "submitted",
+    "unknown": "submitted",
+    "processing": "processing",
+    "succeed": "succeeded",
+    "failed": "failed",
+}
+
+
+def row_status(outcome: str | None, job: str | None, task_id: str | None, task: str | None) -> str:
+    """Where a row stands: the batch's verdict if it has one, else where its job does. A job
+    that ended in an error stands where it got to: ``pending`` without a task (a rerun looks
+    it up), else as its task was last seen (a rerun follows it)."""
+    if outcome in OUTCOMES:
+        return str(outcome)
+    if job is None:
+        return "pending"
+    if job in _STATUS_OF_JOB:
+        return _STATUS_OF_JOB[job]
+    if task_id is None:
+        return "pending"
+    seen = None
+    if task is not None:
+        with contextlib.suppress(ValueError, AttributeError):
+            seen = json.loads(task).get("status")
+    return "processing" if seen == "processing" else "submitted"
+
+
+def _joined_row(record: Sequence[Any]) -> JournalRow:
+    (
+        key,
+        number,
+        line,
+        request_hash_,
+        request_json,
+        external_task_id,
+        attempt,
+        task_id,
+        outcome,
+        job,
+        task,
+        video_id,
+        video_url,
+        file,
+        sha256,
+        size,
+        error,
+        submitted_at,
+        finished_at,
+        possible_duplicate,
+    ) = record
+    return JournalRow(
+        key=key,
+        number=number,
+        line=line,
+        request_hash=request_hash_,
+        request_json=request_json,
+        external_task_id=external_task_id,
+        attempt=attempt,
+        task_id=task_id,
+        status=row_status(outcome, job, task_id, task),
+        video_id=video_id,
+        video_url=video_url,
+        file=file,
+        sha256=sha256,
+        size=size,
+        error=error,
+        submitted_at=submitted_at,
+        finished_at=finished_at,
+        possible_duplicate=bool(possible_duplicate),
+    )
+
 
 def _row(record: Sequence[Any]) -> JournalRow:
     (
@@ -207,8 +306,51 @@ def _row(record: Sequence[Any]) -> JournalRow:
     )
 
 
-def _has_column(db: sqlite3.Connection, column: str) -> bool:
-    return any(info[1] == column for info in db.execute("PRAGMA table_info(rows)"))
+def _has_column(db: sqlite3.Connection, column: str, table: str = "rows") -> bool:
+    return any(info[1] == column for info in db.execute(f"PRAGMA table_info({table})"))
+
+
+def _has_table(db: sqlite3.Connection, table: str) -> bool:
+    found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
+    return found.fetchone() is not None
+
+
+def stored_request(record: JournalRow) -> ka.Text2VideoRequest:
+    """The request a row's job sends: the stored request (schema 3 and later keep its
+    ``to_dict()``) under the row's ``external_task_id``."""
+    request = ka.Text2VideoRequest.from_dict(json.loads(record.request_json))
+    return attrs.evolve(request, external_task_id=record.external_task_id)
+
+
+#: How a schema-3 row's state becomes its job's record (pending rows may have been POSTed).
+_JOB_OF_STATUS: Final = {
+    "pending": ka.JobStatus.QUEUED,
+    "submitted": ka.JobStatus.SUBMITTED,
+    "processing": ka.JobStatus.PROCESSING,
+    "succeeded": ka.JobStatus.SUCCEEDED,
+    "done": ka.JobStatus.SUCCEEDED,
+    "failed": ka.JobStatus.FAILED,
+    "rejected": ka.JobStatus.ERROR,
+}
+
+
+def legacy_record(record: JournalRow, now: float) -> ka.JobRecord:
+    """The job store's record of a schema-3 row: its task id, state and flag kept, ``sent``
+    True (the row was journaled before its POST, so it may have gone out)."""
+    status = _JOB_OF_STATUS.get(record.status, ka.JobStatus.QUEUED)
+    ended = status.is_terminal
+    return ka.JobRecord(
+        id=record.external_task_id,
+        request=stored_request(record),
+        task_id=record.task_id,
+        status=status,
+        sent=True,
+        possible_duplicate=record.possible_duplicate,
+        error=record.error if ended and status is not ka.JobStatus.SUCCEEDED else None,
+        error_type="TaskFailedError" if status is ka.JobStatus.FAILED else None,
+        created_at=record.submitted_at or now,
+        updated_at=record.finished_at or record.submitted_at or now,
+    )
 
 
 @attrs.frozen
@@ -300,6 +442,10 @@ def _connect(path: Path) -> sqlite3.Connection:
         connection.close()
         raise JournalError(f"{path}: SQLite refused WAL mode (got {mode})")
     connection.execute("PRAGMA synchronous=FULL")
+    # Two connections write this file (the rows here, the job records in the job store's):
+    # checkpoint the WAL early so it stays small (SQLite's default lets it grow to 4 MB),
+    # which matters most on a nearly full disk.
+    connection.execute("PRAGMA wal_autocheckpoint=64")
     connection.executescript(_SCHEMA)
     return connection
 
@@ -324,19 +470,24 @@ class Journal:
         #: An older journal opened read-only: its rows are converted on every read instead.
         self._legacy: str | None = None
         self._has_duplicate_column = _has_column(connection, "possible_duplicate")
+        #: Rows keep their job's state in their own columns (schema 3 and older) until
+        #: :meth:`finish_migration` moves it to the job store's records.
+        self.legacy_layout = _has_column(connection, "status")
         version = self.meta.get("schema", SCHEMA_VERSION)
+        if version == SCHEMA_VERSION and self.legacy_layout:
+            version = "3"  # a file of schema 3 that never said so (it always did)
         if version in _MIGRATED:
             if writable:
                 self._migrate(version)
             else:
                 self._legacy = version
-        elif version != SCHEMA_VERSION:
+        elif version not in _LEGACY and version != SCHEMA_VERSION:
             self.close()
             raise JournalError(
                 f"{path} was written by another version of kling-async (schema {version}); "
                 "use that version, or another --out directory"
             )
-        elif writable and not self._has_duplicate_column:
+        elif writable and self.legacy_layout and not self._has_duplicate_column:
             connection.execute(
                 "ALTER TABLE rows ADD COLUMN possible_duplicate INTEGER NOT NULL DEFAULT 0"
             )
@@ -397,7 +548,12 @@ class Journal:
         return self.meta.get("batch_id")
 
     def rows(self) -> dict[str, JournalRow]:
-        """Every row, in file order (rows no longer in the file where they last were)."""
+        """Every row, in file order (rows no longer in the file where they last were), each
+        with its job's state from the job store's record (or, in a journal of schema 3 or
+        older, from its own columns)."""
+        if not self.legacy_layout:
+            query = _WITH_JOBS if _has_table(self._db, "kling_jobs") else _WITHOUT_JOBS
+            return {row.key: row for row in map(_joined_row, self._db.execute(query))}
         columns = _COLUMNS if self._has_duplicate_column else _OLD_COLUMNS
         cursor = self._db.execute(
             f"SELECT {columns} FROM rows ORDER BY number, rowid"  # noqa: S608
@@ -454,6 +610,40 @@ class Journal:
             raise _write_error(self.path, exc) from None
         self.meta = dict(db.execute("SELECT key, value FROM meta"))
 
+    def legacy_records(self) -> list[ka.JobRecord] | None:
+        """The job store's records of a schema-3 journal's rows (every task id kept), or None
+        if the journal keeps job state in the job store already."""
+        if not self.legacy_layout:
+            return None
+        now = time.time()
+        return [legacy_record(record, now) for record in self.rows().values()]
+
+    def finish_migration(self) -> None:
+        """Schema 3 to 4, in one transaction, once the rows' job records are in the job store
+        (:meth:`legacy_records`): each row keeps its batch columns and its verdict
+        (``outcome``), and its job's columns go. A crash before this leaves schema 3 with the
+        records written, and the next open writes the same records again."""
+        if not self.legacy_layout:
+            return
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ALTER TABLE rows ADD COLUMN outcome TEXT")
+            db.execute("UPDATE rows SET outcome = status WHERE status IN ('done', 'rejected')")
+            for column in ("task_id", "status", "possible_duplicate"):
+                if _has_column(db, column):
+                    db.execute(f"ALTER TABLE rows DROP COLUMN {column}")
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise _write_error(self.path, exc) from None
+        self.legacy_layout = False
+        self.meta = dict(db.execute("SELECT key, value FROM meta"))
+
     # --- before any POST ----------------------------------------------------------------------
 
     def prepare(
@@ -474,6 +664,11 @@ class Journal:
         unfinished rows of an in-process emulator that is gone with its tasks. Raises
         :class:`JournalError` if the journal belongs to another backend.
         """
+        if self.legacy_layout:
+            raise JournalError(
+                f"{self.path} keeps its jobs the old way (schema 3): open its job store "
+                "(BatchJobs) first, which migrates it"
+            )
         known_backend = self.meta.get("backend")
         if known_backend is not None and known_backend != backend:
             raise JournalError(
@@ -557,13 +752,15 @@ class Journal:
             )
             db.executemany(
                 "INSERT INTO rows (row_key, number, line, request_hash, request_json, "
-                "external_task_id, file, status, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                "external_task_id, file, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 inserts,
             )
+            # A new attempt is a new job (a new id, no record yet); the old attempt's record
+            # stays in the job store, where no row points at it any more.
             db.executemany(
-                "UPDATE rows SET attempt = ?, external_task_id = ?, status = 'pending', "
-                "task_id = NULL, video_id = NULL, video_url = NULL, sha256 = NULL, "
+                "UPDATE rows SET attempt = ?, external_task_id = ?, outcome = NULL, "
+                "video_id = NULL, video_url = NULL, sha256 = NULL, "
                 "size = NULL, error = NULL, submitted_at = NULL, finished_at = NULL, "
                 "updated_at = ? WHERE row_key = ?",
                 [(attempt, external, now, key) for key, attempt, external in restarts],

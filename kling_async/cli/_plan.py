@@ -78,6 +78,6 @@ def show_plan(settings: BatchSettings, prompt_file: PromptFile, console: Console
     console.print(table)
     if len(rows) > _ROWS_SHOWN:
         print_(f"... and {len(rows) - _ROWS_SHOWN} more rows")
-    if settings.credentials is None and not settings.emulator:
+    if not settings.has_key and not settings.emulator:
         say(f"note: a real run needs a key: {NO_KEY_HINT}")
     return EXIT_OK

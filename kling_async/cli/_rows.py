@@ -68,6 +68,8 @@ class RowState:
     earlier: bool = False
     #: When this run started working on the row (monotonic), for the live view.
     active_since: float | None = None
+    #: Its clip's download has started (a job's later events change nothing then).
+    downloading: bool = False
 
     def move(self, phase: Phase) -> bool:
         """Enter ``phase``; False if already there."""

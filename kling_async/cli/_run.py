@@ -4,9 +4,12 @@ Order matters, and is the crash-safety argument:
 
 1. the whole file and every setting were validated (by the caller) before this module runs;
 2. the out directory is locked (one batch per directory, whatever its ``--journal``), the
-   journal is opened under its own lock and reconciled with the file in one synced
-   transaction (every row and its ``external_task_id`` on disk) before the client even starts;
-3. the runner submits, follows and downloads, recording as it goes;
+   journal is opened under its own lock (its job store's tables with it, an old journal
+   migrated) and reconciled with the file in one synced transaction (every row and its
+   ``external_task_id`` on disk) before the client even starts;
+3. the client opens with the journal as its job store and resumes the jobs of the file's rows
+   (no others); the runner reaches each row's job, follows and downloads, recording as it goes
+   (the engine records the jobs, the runner what is the batch's);
 4. however the run ends (finished, account stopped, Ctrl-C), the pending journal updates are
    flushed, ``summary.json`` is written and the exit status says which of those it was.
 
@@ -30,6 +33,7 @@ import kling_async as ka
 from . import _files
 from ._batch import BatchRunner, remove_stale_parts, verify_done
 from ._display import plain, printable
+from ._jobs import BatchJobs
 from ._journal import TERMINAL, Journal, JournalError, JournalRow, Preparation
 from ._progress import LiveProgress, PlainProgress, Reporter
 from ._prompts import PromptFile
@@ -140,10 +144,17 @@ def _report_preparation(preparation: Preparation) -> None:
         plural = "s" if len(orphans) != 1 else ""
         numbers = ", ".join(str(row.number) for row in orphans[:10])
         more = ", ..." if len(orphans) > 10 else ""
+        unfinished = sum(row.status not in TERMINAL for row in orphans)
+        resumed = (
+            f"; {unfinished} of them unfinished: their tasks are not followed, nor sent "
+            "again, by this run (put a row back in the file to resume it)"
+            if unfinished
+            else ""
+        )
         say(
             f"note: the journal has {len(orphans)} row{plural} the file no longer has "
             f"(removed or edited; row{plural} {numbers}{more} when last run); left as they "
-            "are, clips included"
+            f"are, clips included{resumed}"
         )
 
 
@@ -186,6 +197,27 @@ async def _execute(
     run: _Run,
 ) -> int | None:
     """Steps 2 and 3 of the module docstring; an exit status for problems found first."""
+    jobs = BatchJobs(journal)
+    try:
+        await jobs.open()
+    except JournalError as exc:
+        say(f"error: {exc}")
+        return EXIT_USAGE
+    try:
+        return await _execute_with(settings, prompt_file, journal, jobs, console, run)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await jobs.aclose()
+
+
+async def _execute_with(
+    settings: BatchSettings,
+    prompt_file: PromptFile,
+    journal: Journal,
+    jobs: BatchJobs,
+    console: Console,
+    run: _Run,
+) -> int | None:
     known = journal.rows()
     verified = await verify_done(settings.out, known)
     lost = settings.emulator and bool(known) and not (settings.out / EMULATOR_STATE_NAME).exists()
@@ -203,16 +235,22 @@ async def _execute(
     _report_preparation(preparation)
     remove_stale_parts(settings.out)
     run.states = _states(prompt_file, preparation, verified, settings.retry_failed)
+    # The client resumes the jobs of these rows only (changed and orphan rows are not here).
+    jobs.plan(
+        (state.record, not state.phase.is_final)
+        for state in run.states
+        if state.phase is not Phase.CHANGED
+    )
     reporter = _reporter(settings, console)
     if settings.emulator:
         reporter.note("using the built-in emulator: no account needed, placeholder clips")
     reporter.note(_opening(run.states, journal))
     _files.remove_stale_temporaries(settings.out, SUMMARY_NAME)
-    async with open_client(settings) as kling:
+    async with open_client(settings, store=jobs) as kling:
         runner = BatchRunner(
             kling,
             journal,
-            preparation,
+            jobs,
             run.states,
             out=settings.out,
             downloads=settings.downloads,

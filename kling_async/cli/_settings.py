@@ -1,20 +1,24 @@
 """What a ``batch`` run was asked to do, resolved from arguments and the environment once.
 
-Credentials are resolved here and nowhere else, and never shown: the attrs classes keep them
-out of ``repr``, and the backend identity written into the journal is the base URL without
-user info or query string.
+Credentials, the base URL and the backend's profile follow the SDK's one rule: the settings
+build the :class:`KlingClient` the run will use (construction does no IO) and read what it
+resolved (``base_url``, ``profile``), so the command line can never disagree with the client
+about which account, host or limits a run uses. The SDK's refusals (a missing half of the
+official key pair, a bad ``--base-url`` or ``KLING_BASE_URL``) are said in the command's own
+words (:func:`_refusal`). Keys are never kept here beyond the ``--api-key`` the client is given
+(the SDK reads the variables itself), never shown: the attrs classes keep it out of ``repr``,
+and the backend identity written into the journal is the base URL without user info or query.
 
-Everything is checked here, before the out directory or the journal is touched: the base URL
-(from ``--base-url`` or ``KLING_BASE_URL``, through one check) and the client's settings, by
-building the :class:`KlingClient` the run will use (construction does no IO). A setting that
-would make the run fail later must not leave a journal behind that belongs to nothing.
+Everything is checked here, before the out directory or the journal is touched, including the
+client's other settings: a setting that would make the run fail later must not leave a
+journal behind that belongs to nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -24,17 +28,14 @@ import attrs
 
 from kling_async import (
     COMETAPI,
-    COMETAPI_BASE_URL,
-    OFFICIAL,
-    OFFICIAL_BASE_URL,
     BackendProfile,
+    JobStore,
     KlingClient,
     PollPolicy,
     RetryPolicy,
+    UsageError,
     ValidationError,
 )
-from kling_async.http.download import check_allowed_hosts
-from kling_async.http.transport import redact_url
 
 from ._batch import DownloadSettings
 from ._journal import journal_path
@@ -50,10 +51,10 @@ __all__ = [
     "EMULATOR_STATE_NAME",
     "EMULATOR_TIME_SCALE",
     "NO_KEY_HINT",
+    "ArgumentError",
     "BatchSettings",
-    "Credentials",
-    "UsageError",
-    "check_base_url",
+    "allowed_hosts",
+    "backend_identity",
     "client_arguments",
     "open_client",
     "settings_from",
@@ -70,73 +71,113 @@ NO_KEY_HINT: Final = (
     "(Kling's API), or pass --api-key; to try it without an account, add --emulator"
 )
 
+#: Stands in for a key while settings are checked without one (``--dry-run``, the no-key
+#: error to come): explicit, so the environment is not read for it, and never sent.
+_PLACEHOLDER_KEY: Final = "sk-placeholder"
 
-class UsageError(Exception):
-    """Arguments that cannot work together; reported in one line, exit status 2."""
+
+class ArgumentError(Exception):
+    """Arguments that cannot work together; reported in one line, exit status 2. (Not the
+    SDK's :class:`kling_async.UsageError`, which is about using the client wrongly.)"""
+
+
+def backend_identity(url: str) -> str:
+    """Which server a journal's tasks live on: ``scheme://host[:port]/path`` of the base URL,
+    without user info, query or a trailing slash (it is written into the journal and shown).
+
+    The same words as the SDK's redaction of URLs in its messages; kept here, not imported,
+    because it is the journal's format: a journal written by an earlier version must keep
+    matching the backend it was run against, whatever the SDK's messages become."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}{parts.path}".rstrip("/")
+
+
+def allowed_hosts(hosts: Sequence[str] | None) -> frozenset[str] | None:
+    """``--allow-host`` values, lower case. The client's ``download`` checks them again by
+    the SDK's rule; this only refuses an empty one before any file exists, in our words."""
+    if hosts is None:
+        return None
+    normalised = set()
+    for host in hosts:
+        if not host.strip(".").strip():
+            raise ArgumentError("--allow-host: an empty value (or dots only) is not a host name")
+        normalised.add(host.strip().lower())
+    return frozenset(normalised)
+
+
+#: The SDK's words for a bad base URL, and ours (``error: --base-url (ftp://x) is not a
+#: usable base URL: it must start with http:// or https://``); an unknown rule is quoted.
+_URL_RULES: Final = (
+    ("must not hold spaces", "it holds spaces or control characters"),
+    ("cannot be parsed", "it cannot be parsed"),
+    ("must be an http", "it must start with http:// or https://"),
+    ("must name a host", "it names no host"),
+    ("has port 0", "port 0 is not a port"),
+    ("must have no query", "a base URL has no query or fragment"),
+)
+
+
+def _url_refusal(source: str, exc: ValidationError) -> ArgumentError:
+    rule = exc.rule
+    for prefix, ours in _URL_RULES:
+        if rule.startswith(prefix):
+            # "cannot be parsed (Port out of range 0-65535)": keep what the parser said.
+            rule = ours + rule[len(prefix) :] if prefix == "cannot be parsed" else ours
+            break
+    shown = exc.value if isinstance(exc.value, str) and "://" in exc.value else ""
+    where = f" ({shown})" if shown and shown != "<unparsable URL>" else ""
+    return ArgumentError(f"{source}{where} is not a usable base URL: {rule}")
+
+
+def _refusal(exc: ValidationError) -> ArgumentError:
+    """The SDK's refusal of the credentials or the base URL, in the command's words."""
+    if exc.field in (ENV_ACCESS_KEY, ENV_SECRET_KEY):
+        return ArgumentError(
+            f"{exc.field} is not set: Kling's API needs both the access and secret key"
+        )
+    if exc.field == "base_url":
+        return _url_refusal("--base-url", exc)
+    if exc.field == ENV_BASE_URL:
+        return _url_refusal(ENV_BASE_URL, exc)
+    return ArgumentError(f"{exc.field} {exc.rule}")  # exc.value is not shown: it may be a key
 
 
 @attrs.frozen
-class Credentials:
-    """What the client authenticates with; secrets never in repr."""
+class Account:
+    """What the SDK resolved: the ``--api-key`` given (None: the SDK reads the variables),
+    whether any key was found, the base URL and the backend's profile."""
 
-    api_key: str | None = attrs.field(default=None, repr=False)
-    access_key: str | None = attrs.field(default=None, repr=False)
-    secret_key: str | None = attrs.field(default=None, repr=False)
-
-    @property
-    def profile(self) -> BackendProfile:
-        return OFFICIAL if self.access_key is not None else COMETAPI
-
-    @property
-    def default_base_url(self) -> str:
-        return OFFICIAL_BASE_URL if self.access_key is not None else COMETAPI_BASE_URL
+    api_key: str | None = attrs.field(repr=False)
+    has_key: bool
+    base_url: str
+    profile: BackendProfile
 
 
-def credentials_from(api_key: str | None) -> Credentials | None:
-    """``--api-key``, else the documented variables (as the SDK reads them); None if none."""
-    if api_key and api_key.strip():
-        return Credentials(api_key=api_key.strip())
-    env_key = os.environ.get(ENV_API_KEY, "").strip()
-    if env_key:
-        return Credentials(api_key=env_key)
-    access = os.environ.get(ENV_ACCESS_KEY, "").strip()
-    secret = os.environ.get(ENV_SECRET_KEY, "").strip()
-    if access and secret:
-        return Credentials(access_key=access, secret_key=secret)
-    if access or secret:
-        missing = ENV_SECRET_KEY if access else ENV_ACCESS_KEY
-        raise UsageError(f"{missing} is not set: Kling's API needs both the access and secret key")
-    return None
-
-
-def _url_problem(url: str) -> str | None:
-    """What is wrong with ``url`` as a base URL, in words; None if nothing."""
-    if any(character.isspace() or not character.isprintable() for character in url):
-        return "it holds spaces or control characters"
+def resolve(api_key: str | None, base_url: str | None) -> Account:
+    """``--api-key`` and ``--base-url`` over the environment, by the SDK's one rule; raises
+    :class:`ArgumentError` in the command's words. Without any key, the base URL is still
+    checked (``--dry-run`` works without one, and a bad URL is an error either way)."""
+    key = api_key.strip() if api_key and api_key.strip() else None
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        return f"it cannot be parsed ({exc})"
-    if parts.scheme not in ("http", "https"):
-        return "it must start with http:// or https://"
-    if not parts.hostname:
-        return "it names no host"
-    if port == 0:
-        return "port 0 is not a port"
-    if parts.query or parts.fragment:
-        return "a base URL has no query or fragment"
-    return None
-
-
-def check_base_url(url: str, source: str) -> None:
-    """Raise :class:`UsageError` unless ``url`` is an http(s) URL with a host and a valid
-    port; ``source`` says where it came from (``--base-url``, ``KLING_BASE_URL``)."""
-    problem = _url_problem(url)
-    if problem is not None:
-        shown = redact_url(url) if "://" in url else ""  # never user info or a query
-        where = f" ({shown})" if shown and shown != "<unparsable URL>" else ""
-        raise UsageError(f"{source}{where} is not a usable base URL: {problem}")
+        try:
+            client = KlingClient(api_key=key, base_url=base_url)
+        except ValidationError as exc:
+            if exc.field != "credentials":
+                raise
+            client = KlingClient(api_key=_PLACEHOLDER_KEY, base_url=base_url)
+            return Account(None, False, client.base_url, client.profile)
+    except ValidationError as exc:
+        raise _refusal(exc) from None
+    except UsageError as exc:  # both kinds of key given explicitly
+        raise ArgumentError(str(exc)) from None
+    return Account(key, True, client.base_url, client.profile)
 
 
 def scaled_retry(scale: float) -> RetryPolicy:
@@ -156,8 +197,13 @@ class BatchSettings:
     out: Path
     journal: Path
     defaults: Defaults
-    credentials: Credentials | None
+    #: ``--api-key`` (None: the SDK reads the variables); ``has_key``: a key was found.
+    api_key: str | None = attrs.field(repr=False)
+    has_key: bool
+    #: The base URL the client resolved (None with ``--emulator``: the emulator's own).
     base_url: str | None
+    #: The rules rows are validated against: the backend's, as the client applies them.
+    profile: BackendProfile
     emulator: bool
     time_scale: float
     max_active: int | None
@@ -170,41 +216,17 @@ class BatchSettings:
     @property
     def backend(self) -> str:
         """Which server the journal's tasks live on (no secrets, no query string)."""
-        if self.emulator:
+        if self.emulator or self.base_url is None:
             return "emulator"
-        url = self.base_url or (self.credentials or Credentials()).default_base_url
-        return redact_url(url).rstrip("/")
-
-    @property
-    def profile(self) -> BackendProfile:
-        """The rules rows are validated against: the backend's, as the client will apply."""
-        return COMETAPI if self.emulator else (self.credentials or Credentials()).profile
-
-
-def _base_url(args: argparse.Namespace, credentials: Credentials | None) -> str | None:
-    """``--base-url``, else ``KLING_BASE_URL``, else the backend's default; checked alike."""
-    if args.emulator:
-        return None
-    if args.base_url is not None:
-        check_base_url(args.base_url, "--base-url")
-        return str(args.base_url)
-    from_env = os.environ.get(ENV_BASE_URL)
-    if from_env:  # as the SDK reads it: an empty variable is unset
-        check_base_url(from_env, ENV_BASE_URL)
-        return from_env
-    return (credentials or Credentials()).default_base_url
+        return backend_identity(self.base_url)
 
 
 def settings_from(args: argparse.Namespace) -> BatchSettings:
-    """Resolve ``batch`` arguments and check them all; raises :class:`UsageError`."""
+    """Resolve ``batch`` arguments and check them all; raises :class:`ArgumentError`."""
     if args.emulator and (args.api_key or args.base_url):
-        raise UsageError("--emulator serves its own API: drop --api-key and --base-url")
-    credentials = None if args.emulator else credentials_from(args.api_key)
-    base_url = _base_url(args, credentials)
-    try:
-        allowed = check_allowed_hosts(args.allow_host)
-    except ValidationError as exc:
-        raise UsageError(f"--allow-host: {exc}") from None
+        raise ArgumentError("--emulator serves its own API: drop --api-key and --base-url")
+    account = None if args.emulator else resolve(args.api_key, args.base_url)
+    allowed = allowed_hosts(args.allow_host)
     scale = args.time_scale or (EMULATOR_TIME_SCALE if args.emulator else 1.0)
     out: Path = args.out
     settings = BatchSettings(
@@ -217,8 +239,10 @@ def settings_from(args: argparse.Namespace) -> BatchSettings:
             duration=args.duration,
             aspect_ratio=args.aspect_ratio,
         ),
-        credentials=credentials,
-        base_url=base_url,
+        api_key=account.api_key if account is not None else None,
+        has_key=account is not None and account.has_key,
+        base_url=account.base_url if account is not None else None,
+        profile=account.profile if account is not None else COMETAPI,
         emulator=args.emulator,
         time_scale=scale,
         max_active=args.max_active,
@@ -240,14 +264,13 @@ def settings_from(args: argparse.Namespace) -> BatchSettings:
 
 
 def client_arguments(
-    settings: BatchSettings, credentials: Credentials, base_url: str | None
+    settings: BatchSettings, api_key: str | None, base_url: str | None
 ) -> dict[str, Any]:
-    """The arguments of the run's :class:`KlingClient` (one place: the check builds it too)."""
+    """The arguments of the run's :class:`KlingClient` (one place: the check builds it too).
+    ``api_key`` None lets the SDK read the key variables, as it did for the settings."""
     scale = settings.time_scale
     return {
-        "api_key": credentials.api_key,
-        "access_key": credentials.access_key,
-        "secret_key": credentials.secret_key,
+        "api_key": api_key,
         "base_url": base_url,
         "poll": PollPolicy().scaled(scale) if scale != 1 else None,
         "retry": scaled_retry(scale),
@@ -278,19 +301,22 @@ _OPTION_OF: Final = {
 def _check_client(settings: BatchSettings) -> None:
     """Build (and drop) the client the run would build: its checks, before any file exists.
     Without a key yet (``--dry-run``, or the no-key error to come) a placeholder stands in."""
-    credentials = settings.credentials or Credentials(api_key="sk-placeholder")
+    api_key = settings.api_key if settings.has_key else _PLACEHOLDER_KEY
     base_url = "http://127.0.0.1" if settings.emulator else settings.base_url
     try:
-        KlingClient(**client_arguments(settings, credentials, base_url))
+        KlingClient(**client_arguments(settings, api_key, base_url))
     except ValidationError as exc:
         # exc.value is not shown: it may be a URL with user info, or a key.
         option = _OPTION_OF.get(exc.field.partition(".")[0], exc.field)
-        raise UsageError(f"{option}: {exc.field} {exc.rule}") from None
+        raise ArgumentError(f"{option}: {exc.field} {exc.rule}") from None
 
 
 @asynccontextmanager
-async def open_client(settings: BatchSettings) -> AsyncIterator[KlingClient]:
-    """The client for a run; with ``--emulator``, an emulator in this process behind it."""
+async def open_client(
+    settings: BatchSettings, *, store: JobStore | None = None
+) -> AsyncIterator[KlingClient]:
+    """The client for a run, keeping its jobs in ``store`` (the journal); with
+    ``--emulator``, an emulator in this process behind it."""
     scale = settings.time_scale
     async with AsyncExitStack() as stack:
         if settings.emulator:
@@ -302,11 +328,10 @@ async def open_client(settings: BatchSettings) -> AsyncIterator[KlingClient]:
             emulator = await stack.enter_async_context(
                 Emulator(time_scale=scale, seed=seed, state_path=state)
             )
-            credentials = Credentials(api_key=emulator.api_key)
+            api_key: str | None = emulator.api_key
             base_url: str | None = emulator.url
         else:
-            assert settings.credentials is not None
-            credentials = settings.credentials
-            base_url = settings.base_url
-        client = KlingClient(**client_arguments(settings, credentials, base_url))
+            assert settings.has_key
+            api_key, base_url = settings.api_key, settings.base_url
+        client = KlingClient(**client_arguments(settings, api_key, base_url), store=store)
         yield await stack.enter_async_context(client)

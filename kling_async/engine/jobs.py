@@ -158,6 +158,7 @@ class Job:
         task_id: str | None = None,
         external_task_id: str | None = None,
         engine: object = None,
+        announce: bool = True,
     ) -> None:
         self._hub = hub
         self.id = job_id
@@ -177,7 +178,9 @@ class Job:
         self._engine = engine
         self._made = self._updated = time.time()
         self._ended: float | None = None
-        self._last = JobEvent(self, None, JobStatus.QUEUED)
+        #: The state ``updates()`` starts with. A job that follows a task created elsewhere
+        #: has none until its first snapshot (it never was queued here).
+        self._last: JobEvent | None = JobEvent(self, None, JobStatus.QUEUED) if announce else None
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, task_id={self.task_id!r}, status={self._status.value!r})"
@@ -319,7 +322,8 @@ class Job:
         Listening starts at the call, so no change between the call and the first iteration
         is missed."""
         feed: _Feed[JobEvent] = _Feed()
-        feed.items.append(self._last)
+        if self._last is not None:
+            feed.items.append(self._last)
         if self.done or self._hub.closed:
             feed.close()
         else:

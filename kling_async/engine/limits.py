@@ -53,9 +53,12 @@ class SlotLimiter(Protocol):
     per job) by :meth:`acquire` before its create, or by :meth:`hold` for a task followed
     without a create (``track``, a job loaded from a store). The create's answer is reported
     once with :meth:`answered`; the slot of a job whose task exists is given back with
-    :meth:`release` when the task ends. The engine's tracker makes each of these calls exactly
-    once per job; an implementation may treat a second release of one job as a no-op.
-    ``limit`` is the limit as learned so far (inf while unknown).
+    :meth:`release` when the task ends, and when the client closes with the task still
+    running (the client no longer accounts for it; whoever follows it next takes a slot of
+    its own). Each slot taken (one per create round, or one per :meth:`hold`) is given back
+    exactly once, by :meth:`answered` (``refused``/``failed``: no task) or :meth:`release`;
+    an implementation may treat a second release of one job as a no-op. ``limit`` is the
+    limit as learned so far (inf while unknown).
     """
 
     @property

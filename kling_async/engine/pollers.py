@@ -199,20 +199,31 @@ class PollerPool:
         self.polls += 1
         try:
             task = await self._resource.get(job.task_id)
-        except TaskNotFoundError as exc:
+        except KlingError as exc:
+            if self.following.get(job.task_id) is not job:
+                return  # no longer this job's to follow (it ended, or another took the task)
+            self._poll_failed(entry, exc)
+            return
+        entry.not_found = entry.failures = 0
+        entry.failing_since = None
+        self._tracker.snapshot(job, task, time.monotonic())
+
+    def _poll_failed(self, entry: Entry, error: KlingError) -> None:
+        job = entry.job
+        if isinstance(error, TaskNotFoundError):
             entry.not_found += 1
             if entry.not_found >= _MISSES_ALLOWED:
-                self._tracker.fail(job, exc)
+                self._tracker.fail(job, error)
             else:
                 gap = self.policy.min_interval * 2**entry.not_found
                 self._schedule(entry, time.monotonic() + gap)
-            return
-        except (AuthenticationError, AccountError, InvalidRequestError, UnreachableError) as exc:
+        elif isinstance(
+            error, AuthenticationError | AccountError | InvalidRequestError | UnreachableError
+        ):
             # A verdict about this task, this account or the host: asking again cannot
             # change it (an unreachable host's jobs keep their task_id for track()).
-            self._tracker.fail(job, exc)
-            return
-        except KlingError as exc:
+            self._tracker.fail(job, error)
+        else:
             # Retries for this poll ran out; the task is not lost, just looked at later (with
             # a growing gap, so an outage costs few requests and recovery is seen soon), and
             # given up (its task_id kept on the job) only after many such rounds in a row.
@@ -224,15 +235,11 @@ class PollerPool:
                 entry.failures >= _FAILURES_ALLOWED
                 and lasted >= _FAILING_INTERVALS * self.policy.max_interval
             ):
-                self._tracker.fail(job, exc)
+                self._tracker.fail(job, error)
                 return
-            log.warning("poll of task %s failed (%s); trying again later", job.task_id, exc)
+            log.warning("poll of task %s failed (%s); trying again later", job.task_id, error)
             gap = min(self.policy.max_interval, self.policy.min_interval * 2**entry.failures)
             self._schedule(entry, time.monotonic() + gap)
-            return
-        entry.not_found = entry.failures = 0
-        entry.failing_since = None
-        self._tracker.snapshot(job, task, time.monotonic())
 
     async def _sweep(self, trigger: Entry) -> None:
         """Look at every followed task through the list endpoint (500 tasks a page).

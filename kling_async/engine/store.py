@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import anyio
 import attrs
 
+from kling_async._errors import JobStoreError
 from kling_async.engine.jobs import Job, JobStatus
 from kling_async.protocol.models import Task, Text2VideoRequest
 
@@ -98,9 +99,19 @@ class StoreWriter:
     Changes are coalesced per job (a job that changed three times since the last write is
     written once, as it is now), so the pollers never wait for the store. :meth:`durable`
     is for the one write that must land before the engine goes on (the mark before a
-    create). A failing store is retried with a growing pause and logged; jobs are not lost
-    from memory meanwhile, and :meth:`durable` raises the store's error to its caller.
+    create): it waits through a few failed attempts (a briefly locked file) and raises
+    :class:`JobStoreError` only once the store has failed that many times in a row. A failing
+    store is retried with a growing pause and logged; the jobs stay in memory meanwhile. A
+    batch the store refuses is written again one record at a time, so one record it cannot
+    take is dropped (and logged) instead of blocking every other.
     """
+
+    #: Failed writes in a row after which :meth:`durable` gives up.
+    DURABLE_ATTEMPTS = 4
+    #: A record refused alone this many times is dropped.
+    RECORD_ATTEMPTS = 3
+    #: How long closing may spend writing what is left.
+    FLUSH_TIMEOUT = 10.0
 
     def __init__(self, store: JobStore, record: Callable[[Job], JobRecord]) -> None:
         self.store = store
@@ -113,7 +124,8 @@ class StoreWriter:
         self._finished = 0
         self._done = anyio.Event()
         self._error: BaseException | None = None
-        self.writes = 0
+        self._failures = 0
+        self._refusals: dict[str, int] = {}
 
     def touch(self, job: Job) -> None:
         self._dirty[job.id] = job
@@ -126,11 +138,17 @@ class StoreWriter:
         while self._finished < target:
             done = self._done
             await done.wait()
-            if self._finished < target and self._error is not None:
-                raise self._error
+            if (
+                self._finished < target
+                and self._error is not None
+                and self._failures >= self.DURABLE_ATTEMPTS
+            ):
+                raise JobStoreError(
+                    f"the job store could not record job {job.id} "
+                    f"({type(self._error).__name__}: {self._error})"
+                )
 
     async def run(self) -> None:
-        failures = 0
         while True:
             if not self._dirty:
                 self._wake = anyio.Event()
@@ -138,13 +156,17 @@ class StoreWriter:
             try:
                 await self._write()
             except Exception as exc:
-                failures += 1
+                self._failures += 1
                 self._error = exc
                 self._signal()
-                log.error("the job store failed (%s); writing again shortly", exc)  # noqa: TRY400 (no traceback spam per retry)
-                await anyio.sleep(min(30.0, 0.1 * 2 ** min(failures, 9)))
+                log.error(  # noqa: TRY400 (one line per failure, not a traceback each)
+                    "the job store failed (%s: %s); writing again shortly",
+                    type(exc).__name__,
+                    exc,
+                )
+                await anyio.sleep(min(30.0, 0.05 * 2 ** min(self._failures, 10)))
             else:
-                failures = 0
+                self._failures = 0
                 self._error = None
 
     async def _write(self) -> None:
@@ -153,13 +175,40 @@ class StoreWriter:
         batch, self._dirty = self._dirty, {}
         self._started += 1
         try:
-            await self.store.save([self._record(job) for job in batch.values()])
+            if self._failures and len(batch) > 1:
+                await self._write_one_by_one(batch)
+            else:
+                await self.store.save([self._record(job) for job in batch.values()])
         except BaseException:
-            # Not written: those jobs are written with the next batch.
+            # Not written: those jobs are written with the next batch (newer changes win).
             self._dirty = {**batch, **self._dirty}
             raise
-        self.writes += 1
         self._finish()
+
+    async def _write_one_by_one(self, batch: dict[str, Job]) -> None:
+        """After a failure: find the record the store refuses, and write the others."""
+        failed: BaseException | None = None
+        for job_id, job in list(batch.items()):
+            try:
+                await self.store.save([self._record(job)])
+            except Exception as exc:
+                refusals = self._refusals[job_id] = self._refusals.get(job_id, 0) + 1
+                if refusals >= self.RECORD_ATTEMPTS:
+                    log.error(  # noqa: TRY400 (the store's reason is in the line)
+                        "the job store refused job %s %d times (%s); its record is not written",
+                        job_id,
+                        refusals,
+                        exc,
+                    )
+                    del self._refusals[job_id]
+                else:
+                    failed = exc
+                    continue
+            else:
+                self._refusals.pop(job_id, None)
+            del batch[job_id]
+        if failed is not None:
+            raise failed
 
     def _finish(self) -> None:
         self._finished = self._started
@@ -170,14 +219,20 @@ class StoreWriter:
         done.set()
 
     async def flush(self) -> None:
-        """Write what is left (the client is closing); shielded, so a cancelled scope still
-        leaves the store as current as the jobs."""
-        with anyio.CancelScope(shield=True):
-            while self._dirty:
+        """Write what is left (the client is closing): shielded, so a cancelled scope still
+        leaves the store as current as the jobs, and bounded, so a hung store cannot hang
+        the close."""
+        with anyio.move_on_after(self.FLUSH_TIMEOUT, shield=True) as scope:
+            for _ in range(self.DURABLE_ATTEMPTS):
+                if not self._dirty:
+                    return
                 try:
                     await self._write()
                 except Exception:
-                    log.exception(
-                        "the job store failed while closing; some changes were not written"
-                    )
-                    return
+                    self._failures += 1
+                    log.exception("the job store failed while closing")
+        if self._dirty or scope.cancelled_caught:
+            log.error(
+                "the job store did not take the last changes of %d jobs before closing",
+                len(self._dirty),
+            )

@@ -147,11 +147,14 @@ class Submitter:
         while True:
             job = await self._next_job()
             if job.done:
-                continue  # ended while queued (the client's misuse guard, a fatal stop)
+                continue  # ended while queued (a fatal stop)
+            if (fatal := self.fatal) is not None:
+                self._reject(job, fatal)
+                continue
             await self._tracker.take_slot(job)
-            if self.fatal is not None:
+            if (fatal := self.fatal) is not None:  # stopped while this job waited for a slot
                 self._tracker.answered(job, "failed")
-                self._reject(job, self.fatal)
+                self._reject(job, fatal)
                 continue
             await self._submit(job)
 
@@ -254,4 +257,4 @@ class Submitter:
         self._pending.pop(job, None)
         if not job.done:
             self.stats.rejected += 1
-        self._tracker.reject(job, error)
+        self._tracker.fail(job, error)

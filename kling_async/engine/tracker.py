@@ -7,8 +7,10 @@ each used to change jobs and slots on its own: nine release sites, one missed an
 one doubled and the account is overshot. Here every step is a method of :class:`Tracker`, and
 the submitter and pollers only report what they saw:
 
-- the slot is taken by :meth:`take_slot` or :meth:`track` and given back in exactly one place
-  (:meth:`_give_back`), guarded by the job's own record, so each job releases at most once;
+- the slot is taken by :meth:`take_slot` (for each create round) or :meth:`track`, and given
+  back either with the create's answer (:meth:`answered`: a 1303 or a failure made no task) or
+  at the job's end (:meth:`_give_back`); both go through the job's own record
+  (``holds_slot``), so each slot taken is given back exactly once;
 - a job's status only moves forward (queued -> submitting -> the task's statuses -> the end;
   a create that must be retried goes back to queued, the only step back), so a late poll
   answer never undoes what a sweep or a callback confirmed;
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -43,16 +44,18 @@ __all__ = ["Entry", "Tracker"]
 
 log = logging.getLogger("kling_async")
 
-#: How far along each status is; a snapshot never moves a job to a lower rank.
+#: How far along each status is; a snapshot never moves a job to a lower rank. A status Kling
+#: added after this SDK (UNKNOWN) counts as later than processing: once seen, a late
+#: "processing" is stale, so a job never flaps between the two.
 _RANK = {
     JobStatus.QUEUED: 0,
     JobStatus.SUBMITTING: 1,
     JobStatus.SUBMITTED: 2,
     JobStatus.PROCESSING: 3,
-    JobStatus.UNKNOWN: 3,
-    JobStatus.SUCCEEDED: 4,
-    JobStatus.FAILED: 4,
-    JobStatus.ERROR: 4,
+    JobStatus.UNKNOWN: 4,
+    JobStatus.SUCCEEDED: 5,
+    JobStatus.FAILED: 5,
+    JobStatus.ERROR: 5,
 }
 
 
@@ -66,6 +69,8 @@ class Entry:
     holds_slot: bool = False
     #: A create for it may have gone out (in this run or, for a loaded job, an earlier one).
     sent: bool = False
+    #: The job store holds the "sent" mark of this client's first create of the job.
+    marked: bool = False
     #: When its task started, as far as we know, and whether that is our own submission time
     #: (only then is its duration a measurement the statistics may learn from).
     started_at: float = 0.0
@@ -100,9 +105,10 @@ class Tracker:
         self.by_task: dict[str, Job] = {}
         #: task_id -> job, for the jobs being followed (polled) now.
         self.following: dict[str, Job] = {}
-        self.ended = 0
-        #: Called with each job that ends (the submitter counts rejections).
-        self.on_end: Callable[[Job], None] | None = None
+        #: task_id -> other jobs of the same task (one tracked before the job that created it
+        #: learned its task id): they mirror the followed job, holding no slot of their own.
+        self._mirrors: dict[str, list[Job]] = {}
+        self._mirrored: set[Job] = set()
 
     # --- finding jobs ----------------------------------------------------------------------
 
@@ -144,40 +150,69 @@ class Tracker:
 
     def track(self, task_id: str, *, job: Job | None = None) -> Job:
         """Follow a task created elsewhere (or loaded from a store): it holds a slot until
-        it ends, and is polled at once. A task already known gives its job back as it is."""
+        it ends, and is polled at once.
+
+        A string that is a job's id or task id gives that job back as it is, unless it ended
+        with an error and kept its task id (given up on: an unreachable host, polls failing):
+        then a new job of the same id follows the task again.
+        """
         if job is None:
-            known = self.by_task.get(task_id)
-            if known is not None:
+            known = self.find(task_id)
+            if known is not None and not (
+                known.status is JobStatus.ERROR and known.task_id is not None
+            ):
                 return known
-            job = Job(self._hub, task_id, task_id=task_id)
-            self._register(job, Entry(job, sent=True))
+            if known is not None:
+                assert known.task_id is not None
+                task_id = known.task_id
+                follower = self.following.get(task_id)
+                if follower is not None:
+                    return follower  # the task is followed already: one task, one follower
+                job = Job(
+                    self._hub,
+                    known.id,
+                    request=known.request,
+                    task_id=task_id,
+                    external_task_id=known.external_task_id,
+                    announce=False,
+                )
+                job.task = known.task
+                job.possible_duplicate = known.possible_duplicate
+                self._register(job, Entry(job, self.entry(known).class_key, sent=True))
+            else:
+                job = Job(self._hub, task_id, task_id=task_id, announce=False)
+                self._register(job, Entry(job, sent=True))
         else:
             job.task_id = task_id
             self.by_task[task_id] = job
+        self._hold_and_follow(job, poll_now=True)
+        return job
+
+    def _hold_and_follow(self, job: Job, *, poll_now: bool) -> None:
         entry = self.entry(job)
         entry.started_at = time.monotonic()
         self.slots.hold(job.id)
         entry.holds_slot = True
-        self._follow(job, poll_now=True)
+        self._follow(job, poll_now=poll_now)
         self._touch(job)
-        return job
 
     def track_snapshot(self, task: Task) -> Job:
         """Follow a task from a snapshot the caller fetched: an ended one gives a finished
-        job at once (no slot, no poll), a running one is followed from it."""
-        known = self.by_task.get(task.task_id)
-        if known is not None:
+        job at once (no slot, no poll), a running one is followed from it (its next poll
+        where the schedule puts it, since the caller has just looked)."""
+        known = self.find(task.task_id)
+        if known is not None and not (known.status is JobStatus.ERROR and known.task_id):
             if not known.done and self.following.get(task.task_id) is known:
                 self.snapshot(known, task, time.monotonic())
             return known
-        job = Job(self._hub, task.task_id, task_id=task.task_id)
+        job = Job(self._hub, task.task_id, task_id=task.task_id, announce=False)
         job.external_task_id = task.external_task_id
         self._register(job, Entry(job, sent=True))
         if task.is_terminal:
             job.task = task
             self._end(job, JobStatus.of(task.status), task)
             return job
-        self.track(task.task_id, job=job)
+        self._hold_and_follow(job, poll_now=False)
         self._snapshot(job, task, time.monotonic())
         return job
 
@@ -193,7 +228,12 @@ class Tracker:
             record.id,
             request=request,
             task_id=record.task_id,
-            external_task_id=record.id if request is not None else None,
+            external_task_id=(
+                record.id
+                if request is not None
+                else (record.task.external_task_id if record.task is not None else None)
+            ),
+            announce=False,
         )
         job.possible_duplicate = record.possible_duplicate
         job.task = record.task
@@ -218,10 +258,11 @@ class Tracker:
         write the engine waits for), so a restart knows to look before sending again."""
         entry = self.entry(job)
         self._changed(job, JobStatus.SUBMITTING, job.task)
-        if not entry.sent:
-            entry.sent = True
+        entry.sent = True
+        if not entry.marked:
             if self.store is not None:
                 await self.store.durable(job)
+            entry.marked = True
 
     def answered(self, job: Job, outcome: CreateOutcome) -> None:
         """A create that held the job's slot was answered (see ``CreateOutcome``)."""
@@ -244,16 +285,22 @@ class Tracker:
         entry = self.entry(job)
         job.possible_duplicate = possible_duplicate
         job.task_id = task.task_id
+        other = self.following.get(task.task_id)
+        if other is not None and other is not job:
+            # The task was tracked before this job learned it was its own. One task holds
+            # one slot and has one follower: this job (which measured its start) follows it,
+            # and the tracked job mirrors it, its slot given back.
+            del self.following[task.task_id]
+            self.entry(other).poll_token += 1  # its scheduled poll is void
+            self._give_back(other, self.entry(other))
+            self._mirrors.setdefault(task.task_id, []).append(other)
+            self._mirrored.add(other)
         self.by_task[task.task_id] = job
         entry.started_at = sent_at
         entry.measured = True
         self._snapshot(job, task, time.monotonic())
         if not job.done:
             self._follow(job)
-
-    def reject(self, job: Job, error: BaseException) -> None:
-        """The job ends without a task (refused, ambiguous, account stopped, ...)."""
-        self.fail(job, error)
 
     # --- what the pollers and the outside saw ----------------------------------------------
 
@@ -284,8 +331,9 @@ class Tracker:
         return job
 
     def fail(self, job: Job, error: BaseException) -> None:
-        """The job ends with ``error`` (its task, if any, kept on ``.task``)."""
-        if job.done:
+        """The job ends with ``error`` (its task, if any, kept on ``.task``). A mirror ends
+        only with the job it mirrors (a late failure of its own old poll changes nothing)."""
+        if job.done or job in self._mirrored:
             return
         job.error = error
         self._end(job, JobStatus.ERROR, job.task)
@@ -304,9 +352,13 @@ class Tracker:
         if task.status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED):
             entry = self.entry(job)
             if entry.measured:
-                # It ended between the previous look and this one: take the midpoint.
+                # It ended between the previous look and this one: take the midpoint. A
+                # statistics seam that fails must not keep the job from ending.
                 age = observed_at - entry.started_at
-                self.durations.observe(entry.class_key, (entry.poll_age + age) / 2)
+                try:
+                    self.durations.observe(entry.class_key, (entry.poll_age + age) / 2)
+                except Exception:
+                    log.exception("the duration statistics failed; the job ends regardless")
             self._end(job, status, task)
         elif status is not job.status:
             self._changed(job, status, task)
@@ -322,6 +374,16 @@ class Tracker:
     def _changed(self, job: Job, status: JobStatus, task: Task | None) -> None:
         job._change(status, task)
         self._touch(job)
+        for mirror in self._mirrors_of(job):
+            mirror.task = task if task is not None else mirror.task
+            if mirror.status is not status and _RANK[status] >= _RANK[mirror.status]:
+                mirror._change(status, task)
+            self._touch(mirror)
+
+    def _mirrors_of(self, job: Job) -> list[Job]:
+        if not self._mirrors or job.task_id is None or self.by_task.get(job.task_id) is not job:
+            return []
+        return self._mirrors.get(job.task_id, [])
 
     def _touch(self, job: Job) -> None:
         if self.store is not None:
@@ -329,20 +391,42 @@ class Tracker:
 
     def _end(self, job: Job, status: JobStatus, task: Task | None) -> None:
         entry = self.entry(job)
-        if job.task_id is not None and self.following.get(job.task_id) is job:
-            del self.following[job.task_id]
+        mirrors: list[Job] = []
+        if job.task_id is not None:
+            if self.following.get(job.task_id) is job:
+                del self.following[job.task_id]
+            if self.by_task.get(job.task_id) is job:
+                mirrors = self._mirrors.pop(job.task_id, [])
         self._give_back(job, entry)
-        self.ended += 1
         job._change(status, task)
         self._touch(job)
         _log_outcome(job)
-        if self.on_end is not None:
-            self.on_end(job)
+        for mirror in mirrors:
+            self._mirrored.discard(mirror)
+            if not mirror.done:
+                mirror.task = task if task is not None else mirror.task
+                mirror.error = job.error
+                mirror._change(status, task)
+                self._touch(mirror)
+
+    def closed(self) -> None:
+        """The client closed: every slot its unfinished jobs hold is given back. Their tasks
+        may go on server-side, but this client no longer accounts for them; whoever follows
+        them next (a new client tracking them, or resuming them from a store) takes its own."""
+        for job in list(self.jobs.values()):
+            entry = self.entry(job)
+            if entry.holds_slot:
+                self._give_back(job, entry)
 
     def _give_back(self, job: Job, entry: Entry) -> None:
         if entry.holds_slot:
             entry.holds_slot = False
-            self.slots.release(job.id)
+            try:
+                self.slots.release(job.id)
+            except Exception:
+                # A shared limiter that fails must not keep the job from ending; its lease
+                # (if it keeps one) expires on its own.
+                log.exception("the slot limiter failed to release job %s", job.id)
 
     # --- the job store ---------------------------------------------------------------------
 

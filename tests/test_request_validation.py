@@ -59,13 +59,13 @@ def test_full_request_body_uses_wire_names_and_string_duration() -> None:
 
 @pytest.mark.parametrize("value", [5, "5", 5.0, " 5 "])
 def test_duration_accepts_int_and_string(value: object) -> None:
-    assert ka.Text2VideoRequest(prompt="p", duration=value).duration == "5"  # type: ignore[arg-type]
+    assert ka.Text2VideoRequest(prompt="p", duration=value).duration == "5"  # type: ignore[call-overload,arg-type,unused-ignore]
 
 
 @pytest.mark.parametrize("value", [True, 5.5, "five", "", "-5", [5], "\u0665"])
 def test_duration_rejects_non_whole_numbers(value: object) -> None:
     with pytest.raises(ka.ValidationError) as info:
-        ka.Text2VideoRequest(prompt="p", duration=value)  # type: ignore[arg-type]
+        ka.Text2VideoRequest(prompt="p", duration=value)  # type: ignore[call-overload,arg-type,unused-ignore]
     assert info.value.field == "duration"
     assert "duration=" in str(info.value)
     assert "whole number" in str(info.value)
