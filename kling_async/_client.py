@@ -1,4 +1,4 @@
-"""KlingClient: the scope that owns the session, the credentials and the account's limits."""
+"""KlingClient: the scope that wires one account's engine: session, credentials, limits, jobs."""
 
 from __future__ import annotations
 

@@ -26,13 +26,15 @@ def requests_seen(emu: Emulator) -> int:
 
 
 async def test_a_task_that_ends_before_the_deadline_is_returned_at_it() -> None:
-    """Real time: the task takes 1 s; the default PollPolicy (tasks of minutes) would poll it
-    next long after the 3 s deadline, so only the last look at the deadline can see it end."""
-    async with Emulator(time_scale=1.0, median_duration=1.0, duration_sigma=0.0) as emu:
-        async with client_for(emu, poll=ka.PollPolicy()) as kling:
+    """The task takes 1 s (0.1 s real); the default PollPolicy (tasks of minutes), scaled by
+    the same factor, would poll it next long after the 3 s deadline (0.3 s real), so only the
+    last look at the deadline can see it end."""
+    scale = 0.1
+    async with Emulator(time_scale=scale, median_duration=1.0, duration_sigma=0.0) as emu:
+        async with client_for(emu, poll=ka.PollPolicy().scaled(scale)) as kling:
             task = await kling.text2video.create(REQUEST)
             with anyio.fail_after(10):
-                final = await kling.text2video.wait(task.task_id, timeout=3)
+                final = await kling.text2video.wait(task.task_id, timeout=3 * scale)
     assert final.succeeded
     assert final.task_id == task.task_id
     assert 2 <= emu.stats.requests_per_route["get"] <= 3
