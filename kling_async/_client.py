@@ -418,8 +418,11 @@ class KlingClient:
             if known is not None and (not known.done or known.task_id is not None):
                 jobs.append(known)  # resumed: already running, or ended with its task
                 continue
-            job = self._tracker.queued(request, sent=resume, replace=known)
-            self._submitter.enqueue(job, resume=resume)
+            # A job that ended without a task is looked up first only if a create of it may
+            # have gone out (as its record says), so one never sent is not flagged for nothing.
+            maybe_sent = self._tracker.entry(known).sent if known is not None else resume
+            job = self._tracker.queued(request, sent=maybe_sent, replace=known)
+            self._submitter.enqueue(job, resume=maybe_sent)
             jobs.append(job)
         return jobs
 

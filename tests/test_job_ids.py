@@ -141,3 +141,19 @@ async def test_track_of_a_fetched_snapshot_starts_from_it(emu: Emulator) -> None
         assert finished.result() == ended
         assert kling.stats.polls == polls
         assert kling.stats.active == 0
+
+
+async def test_an_events_iterator_dropped_unread_stops_listening(emu: Emulator) -> None:
+    import gc
+
+    async with client_for(emu) as kling:
+        hub = kling._hub
+        unread = kling.events()
+        assert len(hub._subscribers) == 1
+        del unread
+        gc.collect()
+        assert hub._subscribers == []  # its buffer no longer grows with every event
+        kept = kling.events()
+        await kling.submit(ka.Text2VideoRequest(prompt="seen")).wait()
+        first = await anext(aiter(kept))
+        assert first.status is ka.JobStatus.QUEUED

@@ -179,6 +179,8 @@ class BatchRunner:
         self._reporter = reporter
         self._writer = JournalWriter(journal)
         self._by_job: dict[ka.Job, RowState] = {}
+        #: Rows whose task ended in an earlier run: their download fetches the task first.
+        self._refresh: set[str] = set()
         self._open = 0
         self._finished = anyio.Event()
         self._download_slots = anyio.Semaphore(downloads.concurrency)
@@ -270,6 +272,14 @@ class BatchRunner:
                     # Unknown model names were reported once when the file was read.
                     warnings.simplefilter("ignore", ka.UnknownModelWarning)
                     job = self._kling.submit(stored_request(state.record), resume=True)
+            elif job.status is ka.JobStatus.ERROR and job.task_id is not None:
+                # Given up on with its task kept (the host was unreachable, polls failed):
+                # the task is followed again.
+                job = self._kling.track(job.task_id)
+            elif job.done and job.task_id is not None:
+                # Ended with its task in an earlier run, its clip not saved: the download
+                # fetches the task first, for its current URL.
+                self._refresh.add(state.row.key)
             self._watch(state, job)
             if job.task_id is not None:
                 state.move(Phase.SUBMITTED)
@@ -393,9 +403,12 @@ class BatchRunner:
         async with self._download_slots:
             state.move(Phase.DOWNLOADING)
             target = self._out / state.record.file
+            source: ka.Task | str = task
+            if state.row.key in self._refresh:
+                source = task.task_id
             try:
                 result = await self._kling.download(
-                    task,
+                    source,
                     target,
                     max_bytes=settings.max_bytes,
                     allowed_hosts=settings.allowed_hosts,

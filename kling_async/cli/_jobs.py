@@ -145,7 +145,7 @@ class BatchJobs:
             now = time.time()
             # No record: the engine never got as far as the mark it writes before a create.
             return ka.JobRecord(id=job_id, request=planned.request, created_at=now, updated_at=now)
-        if planned.follow and record.finished and record.task_id is not None:
-            # Ended with a task, but the row is not done: a fresh look at the task.
-            return attrs.evolve(record, status=ka.JobStatus.SUBMITTED, error=None, error_type=None)
+        # Given back as it was saved: a row not done whose job ended with a task is looked at
+        # again by the run (a fresh URL before its download, or the task followed again),
+        # never by rewriting what the record says happened.
         return record

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
@@ -360,16 +361,23 @@ class EventHub:
         else:
             self._subscribers.append(feed)
             self.listening.add(feed)
-        return self._drain(feed)
+        iterator = self._drain(feed)
+        # An iterator dropped without being iterated never runs its ``finally``: without this
+        # its buffer would stay subscribed, and grow with every event, for the client's life.
+        weakref.finalize(iterator, self._unsubscribe, feed)
+        return iterator
 
     async def _drain(self, feed: _Feed[JobEvent]) -> AsyncIterator[JobEvent]:
         try:
             async for event in feed:
                 yield event
         finally:
-            if feed in self._subscribers:
-                self._subscribers.remove(feed)
-            self.listening.discard(feed)
+            self._unsubscribe(feed)
+
+    def _unsubscribe(self, feed: _Feed[JobEvent]) -> None:
+        if feed in self._subscribers:
+            self._subscribers.remove(feed)
+        self.listening.discard(feed)
 
     def close(self) -> None:
         self.closed = True

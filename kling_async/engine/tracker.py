@@ -281,6 +281,7 @@ class Tracker:
     def created(self, job: Job, task: Task, sent_at: float, *, possible_duplicate: bool) -> None:
         """The job's task exists and was seen: follow it from its submission time."""
         if job.done:
+            self._give_back(job, self.entry(job))  # nothing will end it again
             return
         entry = self.entry(job)
         job.possible_duplicate = possible_duplicate
