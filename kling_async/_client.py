@@ -432,7 +432,8 @@ class KlingClient:
         ``task`` is a task id, or a :class:`Task` you fetched with this account (then the job
         starts from that snapshot: one that has ended gives a finished job at once, with no
         request and no slot). Tracking a task twice gives the same job, and a task this
-        client has seen end gives its finished job at once. A tracked task counts against
+        client has seen end (a job's, or one fetched with ``text2video.get`` or ``wait``)
+        gives a finished job at once. A tracked task counts against
         ``max_active_tasks`` until it ends, since it holds one of the account's slots.
         """
         self._running()
@@ -440,6 +441,9 @@ class KlingClient:
             return self._tracker.track_snapshot(task)
         if not isinstance(task, str) or not task:
             raise ValidationError("task", task, "must be a task id (a non-empty string) or a Task")
+        ended = self.text2video.ended(task)
+        if ended is not None and self._tracker.find(task) is None:
+            return self._tracker.track_snapshot(ended)  # seen ending here: finished at once
         return self._tracker.track(task)
 
     def job(self, job_id: str) -> Job | None:

@@ -157,3 +157,16 @@ async def test_an_events_iterator_dropped_unread_stops_listening(emu: Emulator) 
         await kling.submit(ka.Text2VideoRequest(prompt="seen")).wait()
         first = await anext(aiter(kept))
         assert first.status is ka.JobStatus.QUEUED
+
+
+async def test_track_of_a_task_seen_ending_through_wait_is_finished_at_once(emu: Emulator) -> None:
+    async with client_for(emu) as kling:
+        task = await kling.text2video.create(ka.Text2VideoRequest(prompt="waited for"))
+        final = await kling.text2video.wait(task.task_id, timeout=30)
+        gets = emu.stats.requests_per_route["get"]
+        job = kling.track(task.task_id)
+        assert job.done
+        assert job.result() == final
+        assert kling.stats.active == 0
+        assert emu.stats.requests_per_route["get"] == gets  # no request needed
+        assert kling.track(task.task_id) is job

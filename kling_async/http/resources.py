@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, Literal
@@ -66,6 +66,8 @@ _RECHECK_MAX = 60.0
 #: when every form refused the lookup itself): a new task may show in lookups only a while
 #: after its create (protocol 7), so until then a miss proves nothing either way.
 _SHOWS_WITHIN = 60.0
+#: Terminal snapshots kept for ``track()`` (an ended task never changes).
+_ENDED_KEPT = 10_000
 #: A last look at a wait's deadline may take this long beyond it.
 _FINAL_LOOK_GRACE = 5.0
 
@@ -241,6 +243,10 @@ class TaskResource:
         self.facts = BackendFacts(profile.repeated_external_id)
         self._rng = random.Random()
         self._models: dict[PollPolicy, DurationModel] = {}
+        #: The terminal snapshot of each task seen ending through :meth:`get` (the latest
+        #: ``_ENDED_KEPT``): an ended task never changes, so a job tracking one later (a
+        #: ``wait()`` then a ``track()``) can be finished at once, with no request.
+        self._ended: OrderedDict[str, Task] = OrderedDict()
 
     def prepare(self, request: Any) -> Any:
         """Check ``request`` against the backend profile and give it an ``external_task_id``.
@@ -295,6 +301,16 @@ class TaskResource:
         self.lookups.remember(task)
         return task
 
+    def ended(self, task_id: str) -> Task | None:
+        """The terminal snapshot of ``task_id`` if this resource has seen it end, else None."""
+        return self._ended.get(task_id)
+
+    def _note_ended(self, task: Task) -> None:
+        self._ended[task.task_id] = task
+        self._ended.move_to_end(task.task_id)
+        if len(self._ended) > _ENDED_KEPT:
+            self._ended.popitem(last=False)
+
     async def get(self, task_id: str | None = None, *, external_task_id: str | None = None) -> Task:
         """The task's current snapshot, by ``task_id`` or by your ``external_task_id``.
 
@@ -310,6 +326,8 @@ class TaskResource:
             data = await self._api.read(f"{self._path}/{quote(task_id, safe='')}", query=True)
             task = structure_task(data, redact=self._api.redact)
             self.lookups.remember(task)
+            if task.is_terminal:
+                self._note_ended(task)
             return task
         assert external_task_id is not None
         if not isinstance(external_task_id, str) or not external_task_id:
