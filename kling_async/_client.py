@@ -122,6 +122,12 @@ class KlingClient:
     ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``/``NO_PROXY`` environment for API calls and
     downloads alike; no ``.netrc`` login is ever sent. False connects directly.
 
+    ``callback_url`` asks Kling to POST each task's snapshot there as it changes (push
+    delivery), for every create whose request names none; it is added to the create's body
+    only, never to the job's request (so no job store keeps it: it carries the receiver's
+    secret). What arrives there is a hint: decode it with :meth:`Task.from_wire` and pass it
+    to :meth:`observe`, which confirms it with an authenticated GET.
+
     ``store`` keeps the jobs so that a restart loses none (see :class:`JobStore`): a path
     makes the client an :class:`SQLiteJobStore` of its own (closed with the client), a store
     object is used and left open for its owner. On entering, the store's unfinished jobs
@@ -158,6 +164,7 @@ class KlingClient:
         unreachable_after: float | None = 30.0,
         ssl: ssl.SSLContext | None = None,
         trust_env: bool = True,
+        callback_url: str | None = None,
         store: JobStore | str | os.PathLike[str] | None = None,
         slot_limiter: SlotLimiter | None = None,
         request_limiter: RequestLimiter | None = None,
@@ -183,6 +190,15 @@ class KlingClient:
             )
         if not isinstance(trust_env, bool):
             raise ValidationError("trust_env", trust_env, "must be True or False")
+        if callback_url is not None and not (
+            isinstance(callback_url, str)
+            and callback_url.startswith(("http://", "https://"))
+            and len(callback_url) <= 2048
+        ):
+            # Not quoted: a callback URL carries its receiver's secret token.
+            raise ValidationError(
+                "callback_url", "***", "must be an http:// or https:// URL of at most 2048 bytes"
+            )
         for name, value in (
             ("timeout", timeout),
             ("connect_timeout", connect_timeout),
@@ -245,6 +261,7 @@ class KlingClient:
             create_settings=CreateSettings(retry=self.retry, settle_window=settle_window),
             poll=self.poll,
             external_id_lookup=lookup,
+            callback_url=callback_url,
         )
         self._hub = EventHub()
         # A probe at least every 20 max intervals (20 minutes by default) while jobs wait.

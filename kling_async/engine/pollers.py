@@ -51,6 +51,8 @@ _MISSES_ALLOWED = 3
 #: errors must not end jobs whose tasks are running fine.
 _FAILURES_ALLOWED = 10
 _FAILING_INTERVALS = 10
+#: A hint (callback) keeps a task on the safety-net schedule for this many max_intervals.
+_HINTS_COUNT_FOR = 2
 #: Tasks of a list page applied between two yields to the event loop.
 _YIELD_EVERY = 100
 
@@ -113,11 +115,19 @@ class PollerPool:
         self._schedule(entry, time.monotonic())
 
     def schedule_next(self, entry: Entry) -> None:
-        """Schedule the next poll after a snapshot at ``entry.poll_age``."""
+        """Schedule the next poll after a snapshot at ``entry.poll_age``.
+
+        While outside hints (callbacks) come for the task, each of which brings a poll
+        forward by itself, the schedule keeps only a safety net: one poll every
+        ``max_interval``, in case the hint that matters is lost."""
         age = entry.poll_age
         gap = self._tracker.durations.model(entry.class_key).next_age(age) - age
         gap = max(self.policy.min_interval * 0.5, self.policy.jittered(gap, self._rng))
-        self._schedule(entry, time.monotonic() + gap)
+        now = time.monotonic()
+        hinted = entry.hinted_at
+        if hinted is not None and now - hinted < _HINTS_COUNT_FOR * self.policy.max_interval:
+            gap = max(gap, self.policy.jittered(self.policy.max_interval, self._rng))
+        self._schedule(entry, now + gap)
 
     def _schedule(self, entry: Entry, due: float) -> None:
         entry.poll_token += 1

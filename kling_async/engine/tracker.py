@@ -78,6 +78,9 @@ class Entry:
     #: The schedule: the age at the last poll, and the token of its live heap entry.
     poll_age: float = 0.0
     poll_token: int = 0
+    #: When an outside hint (a callback) last came for its task: while hints come, the
+    #: pollers keep only a safety-net poll for it.
+    hinted_at: float | None = None
     #: Poll rounds in a row that said "not found", or that failed, and since when.
     not_found: int = 0
     failures: int = 0
@@ -328,7 +331,9 @@ class Tracker:
             self.snapshot(job, task, time.monotonic())
         else:
             assert self.pollers is not None
-            self.pollers.poll_now(self.entry(job))
+            entry = self.entry(job)
+            entry.hinted_at = time.monotonic()
+            self.pollers.poll_now(entry)
         return job
 
     def fail(self, job: Job, error: BaseException) -> None:

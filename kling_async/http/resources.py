@@ -232,8 +232,12 @@ class TaskResource:
         poll: PollPolicy,
         external_id_lookup: ExternalIdLookup | None,
         learn_lookup: bool = True,
+        callback_url: str | None = None,
     ) -> None:
         self._api = api
+        #: Sent with every create whose request names none (push delivery). Added to the body
+        #: only, so a request (as kept by a job store) never holds it: it carries a secret.
+        self._callback_url = callback_url
         self.family = family
         self._path = path = family.path
         self._profile = profile
@@ -282,10 +286,13 @@ class TaskResource:
         assert external_task_id is not None
         if state is None:
             state = CreateState(external_task_id)
+        body = self.family.body(request)
+        if self._callback_url is not None and "callback_url" not in body:
+            body = {**body, "callback_url": self._callback_url}
         task = await create_task(
             self._api,
             self._path,
-            self.family.body(request),
+            body,
             state=state,
             lookups=self.lookups if self.lookups.configured else None,
             settings=settings,

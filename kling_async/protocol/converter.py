@@ -57,6 +57,7 @@ __all__ = [
     "request_from_dict",
     "request_to_dict",
     "structure_task",
+    "task_from_wire",
     "structure_task_list",
     "task_from_dict",
     "task_to_dict",
@@ -259,6 +260,24 @@ def structure_task(data: Any, *, http_status: int = 200, redact: Redact = no_red
         http_status=http_status,
         body=_shown(data, redact),
     )
+
+
+def task_from_wire(body: bytes | str | Mapping[str, Any]) -> Task:
+    """A bare task object as Kling sends it (a callback's body: protocol section 5) ->
+    :class:`Task`, or :class:`ResponseDecodeError` saying what is wrong. The body came from
+    outside: nothing in it is trusted beyond being a snapshot to confirm."""
+    data: Any = body
+    if isinstance(body, bytes | str):
+        problem: str | None = None
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            problem = f"it is not JSON ({type(exc).__name__})"
+        if problem is not None:
+            raise ResponseDecodeError(
+                f"the body is not a task: {problem}", http_status=200, body=snippet(body)
+            )
+    return structure_task(data)
 
 
 def structure_task_list(

@@ -387,6 +387,18 @@ class Task:
         return task_to_dict(self)
 
     @classmethod
+    def from_wire(cls, body: bytes | str | Mapping[str, Any]) -> Self:
+        """A bare task object in Kling's wire format (a callback's body, as JSON text or
+        parsed), decoded by the SDK's own decoder; :class:`ResponseDecodeError` if it is not
+        one. A snapshot from outside is a hint: pass it to ``kling.observe()``, which confirms
+        it with an authenticated GET before anything changes."""
+        from kling_async.protocol.converter import task_from_wire
+
+        task = task_from_wire(body)
+        assert isinstance(task, cls)
+        return task
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
         """The task :meth:`to_dict` described. A status this SDK does not know reads as
         UNKNOWN; keys it does not know are ignored (a newer SDK may have written them)."""
