@@ -243,8 +243,7 @@ class KlingClient:
             )
         if duration_stats is not None and not isinstance(duration_stats, DurationStats):
             raise ValidationError("duration_stats", duration_stats, "must implement DurationStats")
-        self._budget = RequestBudget(max_requests_per_second)
-        self._requests: RequestLimiter = request_limiter or self._budget
+        self._requests: RequestLimiter = request_limiter or RequestBudget(max_requests_per_second)
         self._health = Health(self._transport.host, unreachable_after=unreachable_after)
         self._api = Api(
             self._transport,

@@ -42,12 +42,10 @@ async def started(kling: ka.KlingClient, prompt: str = "a slow clip") -> ka.Job:
 
 
 async def test_a_task_tracked_before_its_own_job_learns_it_is_not_followed_twice() -> None:
-    """``track(task_id)`` of a task whose own job has not learned its task id yet (its create
-    or lookup still under way; or a callback handler that tracks what ``observe`` did not
-    know) makes a second job for the task. When the submitted job then learns the task,
-    ``Tracker.created`` overwrites ``following[task_id]`` and ``by_task[task_id]`` without
-    looking: the tracked job's polls are dropped by ``Tracker.snapshot`` (not followed any
-    more) without a reschedule, so it never ends and never gives its slot back."""
+    """A task tracked before its own job learned its task id (a resumed lookup, a create or a
+    finder still in flight, a callback handler's ``track``) has one follower and one slot:
+    the job that created it follows it and the tracked job mirrors it, ending with it. (Both
+    used to be registered; the tracked one was never polled again and kept its slot.)"""
     async with Emulator(time_scale=SCALE, seed=31, failure_rate=0.0, median_duration=LONG) as emu:
         async with client_for(emu) as kling:
             request = ka.Text2VideoRequest(prompt="made earlier", external_task_id="shared-1")
@@ -80,15 +78,8 @@ class RecordingLimit(ka.AdaptiveLimit):
 
 
 async def test_track_of_a_job_id_neither_replaces_the_job_nor_takes_its_lease_again() -> None:
-    """``Job`` tells users to persist ``job.id`` "to resume it with ``KlingClient.track``".
-    ``Tracker.track`` only looks the string up in ``by_task``; a job id is not there, so it
-    makes a second ``Job`` with that same id: ``_register`` overwrites ``jobs[id]`` (so
-    ``kling.job(id)`` answers the newcomer) and ``slots.hold(id)`` lands on the lease the real
-    job already holds. Two jobs now share one lease and each will ``release`` it: the first
-    to end frees the slot of the other while its task may still run (on the official API the
-    newcomer's polls say "not found" three times and it ends at once), and the second
-    release is a double one. Where the path lookup resolves external ids (CometAPI, the
-    emulator) both jobs even follow the same task."""
+    """``track(job.id)`` (the id the docs say to persist) gives that job back: it does not
+    make a second job of the same id nor take its slot again. (It used to do both.)"""
     slots = RecordingLimit()
     async with Emulator(time_scale=SCALE, median_duration=HOUR, seed=32) as emu:
         async with client_for(emu, slot_limiter=slots, poll=hour_poll()) as kling:
@@ -102,14 +93,9 @@ async def test_track_of_a_job_id_neither_replaces_the_job_nor_takes_its_lease_ag
 
 
 async def test_a_task_whose_job_ended_in_error_can_be_tracked_again() -> None:
-    """``Tracker.track`` returns any job ``by_task`` knows, ended or not. A job given up with
-    its ``task_id`` kept (unreachable host, poll rounds exhausted; the pollers' comment says
-    "an unreachable host's jobs keep their task_id for track()", ``aclose`` says tasks "can be
-    followed again with track() by a new client (or are resumed from the job store)") is
-    loaded from the store as ended, and ``track(task_id)`` then hands back that errored job:
-    the task, which ran on fine, can never be followed again by a client with that store.
-    The old ``track`` looked only at the followed set. The docs promise the finished job at
-    once only for "a task this client has seen end"."""
+    """A job given up on with its task id kept (an unreachable host, polls failing) can be
+    tracked again: a new job of the same id follows the task. (``track`` used to hand back
+    the errored job, so the task could never be followed again.)"""
     store = ka.MemoryJobStore()
     async with Emulator(time_scale=SCALE, seed=33, failure_rate=0.0) as emu:
         async with client_for(emu) as first:
@@ -139,12 +125,9 @@ async def test_a_task_whose_job_ended_in_error_can_be_tracked_again() -> None:
 
 
 async def test_a_resumed_submission_is_in_the_store_before_its_create_goes_out() -> None:
-    """``submit_many(resume=True)`` makes its job with ``Tracker.queued(sent=True)``, so
-    ``Tracker.submitting`` finds ``entry.sent`` already True and skips ``store.durable``: the
-    one write the engine promises to wait for is not waited for. The create goes out while
-    the store may not hold the job at all; a crash then leaves a task that no restart follows
-    and an id ``kling.job`` does not know. Here the store holds its first write of the job
-    until a create is seen (at most 2 s): the mark must land before any create."""
+    """``submit(..., resume=True)`` waits for the store's mark before its first create, like any
+    other job, so a crash right after the create still leaves the job in the store. (The
+    mark used to be skipped for resumed jobs.)"""
     creates_when_marked: list[int] = []
 
     async with Emulator(time_scale=SCALE, seed=34) as emu:
@@ -188,11 +171,8 @@ class FailingDurations:
 
 
 async def test_a_failing_statistics_seam_does_not_keep_a_finished_job_from_ending() -> None:
-    """``Tracker._snapshot`` calls ``durations.observe`` before ``_end``. When the seam raises
-    (a shared implementation whose backend is down) the job is not ended and its slot not
-    given back; on the poll path ``PollerPool._work`` logs the error and polls again every
-    ``max_interval``, for ever: the task has succeeded but the job never ends. Through
-    ``observe(confirmed=True)`` the seam's error even escapes to the caller."""
+    """A duration-statistics seam that raises (a shared backend down) is logged and the job
+    still ends and gives its slot back. (It used to keep the job from ending.)"""
     poll = hour_poll()
     async with Emulator(time_scale=SCALE, median_duration=HOUR, seed=35) as emu:
         async with client_for(emu, poll=poll, duration_stats=FailingDurations(poll)) as kling:
@@ -215,12 +195,9 @@ async def test_a_failing_statistics_seam_does_not_keep_a_finished_job_from_endin
 
 
 async def test_a_shared_slot_limiter_gets_every_slot_back_when_its_client_closes() -> None:
-    """Slots are keyed by job id "so a limiter shared by several processes can hold a lease
-    per job", and the docstring says "a shared implementation lets several clients of one
-    account behave as one". But nothing gives a slot back at close: every job still
-    submitting or followed keeps its lease in the shared limiter for ever (and its id in
-    ``AdaptiveLimit._in_flight`` for a create cut off mid-way). The next client that tracks
-    the task holds a second slot under the task id, and a limiter of 1 stays full."""
+    """A closed client gives back the slots its unfinished jobs held, so a limiter shared by
+    successive clients is not left full; the next client that follows the task takes its
+    own. (They used to be kept for ever.)"""
     slots = ka.AdaptiveLimit(1)
     async with Emulator(time_scale=SCALE, median_duration=HOUR, seed=36) as emu:
         async with client_for(emu, slot_limiter=slots, poll=hour_poll()) as first:
@@ -238,11 +215,8 @@ async def test_a_shared_slot_limiter_gets_every_slot_back_when_its_client_closes
 async def test_a_store_that_cannot_load_raises_its_own_error_from_async_with(
     emu: Emulator,
 ) -> None:
-    """``__aenter__`` awaits ``_resume`` (``store.load()``) inside the client's task group, so
-    an error there leaves through the task group's exit as ``ExceptionGroup('unhandled errors
-    in a TaskGroup', [OSError(...)])``: ``except OSError`` (or ``except JobStoreError``)
-    around ``async with`` misses it, although ``__aexit__`` takes care to unwrap exactly this
-    for the body's exceptions."""
+    """A store that cannot load raises its own error out of ``async with``, not one wrapped in
+    an exception group (the store is now loaded before the task group starts)."""
 
     class Unreadable(ka.MemoryJobStore):
         async def load(self) -> list[ka.JobRecord]:

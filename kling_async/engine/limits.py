@@ -104,7 +104,6 @@ class RequestBudget:
         self.burst = max(1, burst if burst is not None else math.ceil(rate or 1))
         self._next = 0.0  # the earliest instant the next request may start
         self._paused_until = 0.0
-        self.requests = 0
 
     def pause(self, seconds: float) -> None:
         """Hold every request for ``seconds`` from now (extends, never shortens, a pause)."""
@@ -114,7 +113,6 @@ class RequestBudget:
         # A pause may be extended while we sleep, so look again after each one.
         while (paused := self._paused_until - time.monotonic()) > 0:  # noqa: ASYNC110
             await anyio.sleep(paused)
-        self.requests += 1
         if self.rate is None:
             return
         now = time.monotonic()
