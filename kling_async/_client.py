@@ -16,7 +16,7 @@ import attrs
 
 from kling_async._errors import UsageError, ValidationError
 from kling_async.engine.durations import DurationStats, LearnedDurations
-from kling_async.engine.jobs import EventHub, Job, JobEvent, as_completed
+from kling_async.engine.jobs import EventHub, Job, JobEvent, JobStatus, as_completed
 from kling_async.engine.limits import AdaptiveLimit, RequestBudget, RequestLimiter, SlotLimiter
 from kling_async.engine.pollers import PollerPool
 from kling_async.engine.sqlite_store import SQLiteJobStore
@@ -273,6 +273,7 @@ class KlingClient:
             self._slots,
             duration_stats or LearnedDurations(self.poll),
         )
+        self._tracker.callback_url = callback_url
         if self._store is not None:
             self._tracker.store = StoreWriter(self._store, self._tracker.record)
         self._submitter = Submitter(
@@ -468,6 +469,17 @@ class KlingClient:
         if not isinstance(job_id, str) or not job_id:
             raise ValidationError("job_id", job_id, "must be a non-empty string")
         return self._tracker.find(job_id)
+
+    def jobs(self, status: JobStatus | Iterable[JobStatus] | None = None) -> list[Job]:
+        """Every job of this client, oldest first: running and ended ones, and those loaded
+        from its job store; only those in ``status`` (one or several) when given."""
+        if status is None:
+            return list(self._tracker.jobs.values())
+        wanted = {status} if isinstance(status, JobStatus) else set(status)
+        for value in wanted:
+            if not isinstance(value, JobStatus):
+                raise ValidationError("status", value, "must be a JobStatus")
+        return [job for job in self._tracker.jobs.values() if job.status in wanted]
 
     def observe(self, task: Task, *, confirmed: bool = False) -> Job | None:
         """Feed a snapshot of a task seen outside the pollers (a callback, another worker).

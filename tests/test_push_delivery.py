@@ -15,9 +15,9 @@ from aiohttp import web
 
 import kling_async as ka
 from kling_async.engine.durations import LearnedDurations
-from kling_async.engine.jobs import EventHub
+from kling_async.engine.jobs import EventHub, Job
 from kling_async.engine.pollers import PollerPool
-from kling_async.engine.tracker import Tracker
+from kling_async.engine.tracker import Entry, Tracker
 from kling_async.testing import Emulator
 
 from .conftest import SCALE, client_for
@@ -121,24 +121,63 @@ def test_from_wire_decodes_a_callback_body_in_every_form() -> None:
             ka.Task.from_wire(garbage)
 
 
-def test_while_hints_come_the_pollers_keep_only_a_safety_net_poll() -> None:
-    policy = ka.PollPolicy(min_interval=1.0, max_interval=60.0, initial_estimate=30.0, jitter=0.0)
-    slots = ka.AdaptiveLimit(None)
-    tracker = Tracker(EventHub(), slots, LearnedDurations(policy))
+def _hinted_pool() -> tuple[Tracker, PollerPool, Job, Entry, ka.PollPolicy]:
+    policy = ka.PollPolicy(
+        min_interval=1.0,
+        max_interval=60.0,
+        initial_estimate=30.0,
+        jitter=0.0,
+        safety_interval=300.0,
+    )
+    tracker = Tracker(EventHub(), ka.AdaptiveLimit(None), LearnedDurations(policy))
     pool = PollerPool(None, policy, tracker)  # type: ignore[arg-type]  # never run: no requests
     job = tracker.track("t-1")
-    entry = tracker.entry(job)
-    running = ka.Task(task_id="t-1", status=ka.TaskStatus.PROCESSING)
+    return tracker, pool, job, tracker.entry(job), policy
 
-    def next_due() -> float:
-        due = [item[0] for item in pool._heap if item[3] is entry and item[2] == entry.poll_token]
-        assert len(due) == 1
-        return due[0] - time.monotonic()
 
-    tracker.snapshot(job, running, time.monotonic())
-    planned = next_due()
-    assert planned < policy.max_interval  # the learned plan polls sooner than the net
-    assert tracker.observe(running, confirmed=False) is job  # a callback: polled at once
-    assert next_due() <= 0.01
-    tracker.snapshot(job, running, time.monotonic())  # the confirming poll
-    assert next_due() >= policy.max_interval * 0.99  # only the safety net until the next hint
+def _next_due(pool: PollerPool, entry: Entry) -> float:
+    due = [item[0] for item in pool._heap if item[3] is entry and item[2] == entry.poll_token]
+    assert len(due) == 1
+    return due[0] - time.monotonic()
+
+
+RUNNING = ka.Task(task_id="t-1", status=ka.TaskStatus.PROCESSING)
+ENDED = ka.Task(task_id="t-1", status=ka.TaskStatus.SUCCEEDED)
+
+
+def test_while_hints_come_the_pollers_keep_only_a_safety_net_poll() -> None:
+    tracker, pool, job, entry, policy = _hinted_pool()
+    tracker.snapshot(job, RUNNING, time.monotonic())
+    assert _next_due(pool, entry) < policy.max_interval  # the learned plan polls sooner
+    # A callback that claims no end costs no request: the planned poll becomes the net.
+    assert tracker.observe(RUNNING, confirmed=False) is job
+    assert _next_due(pool, entry) >= policy.safety_interval * 0.99
+    tracker.snapshot(job, RUNNING, time.monotonic())  # the net's poll
+    assert _next_due(pool, entry) >= policy.safety_interval * 0.99
+
+
+def test_a_hint_of_an_end_is_confirmed_at_once_but_at_most_once_per_min_interval() -> None:
+    tracker, pool, job, entry, policy = _hinted_pool()
+    tracker.snapshot(job, RUNNING, time.monotonic())
+    assert tracker.observe(ENDED, confirmed=False) is job
+    assert _next_due(pool, entry) <= 0.01  # confirmed by a poll now
+    assert job.status is ka.JobStatus.PROCESSING  # the hint itself changed nothing
+    entry.unconfirmed = False  # (the poll goes out: what it sees answers the hint)
+    tracker.snapshot(job, RUNNING, time.monotonic())  # it was a lie (or early)
+    assert _next_due(pool, entry) >= policy.safety_interval * 0.99
+    # A flood of the same claim costs one poll per min_interval, not one per callback.
+    for _ in range(1000):
+        tracker.observe(ENDED, confirmed=False)
+    assert 0.5 * policy.min_interval <= _next_due(pool, entry) <= policy.min_interval
+    # Out of order: a late "processing" never puts off the confirmation already due.
+    tracker.observe(RUNNING, confirmed=False)
+    assert _next_due(pool, entry) <= policy.min_interval
+
+
+def test_a_hint_of_an_end_during_a_poll_is_looked_at_again() -> None:
+    tracker, pool, job, entry, policy = _hinted_pool()
+    tracker.snapshot(job, RUNNING, time.monotonic())
+    entry.unconfirmed = False  # a poll went out...
+    tracker.observe(ENDED, confirmed=False)  # ...the task ended and its callback came...
+    tracker.snapshot(job, RUNNING, time.monotonic())  # ...then the poll's older answer
+    assert _next_due(pool, entry) <= policy.min_interval  # looked at again, not in 300 s

@@ -51,8 +51,6 @@ _MISSES_ALLOWED = 3
 #: errors must not end jobs whose tasks are running fine.
 _FAILURES_ALLOWED = 10
 _FAILING_INTERVALS = 10
-#: A hint (callback) keeps a task on the safety-net schedule for this many max_intervals.
-_HINTS_COUNT_FOR = 2
 #: Tasks of a list page applied between two yields to the event loop.
 _YIELD_EVERY = 100
 
@@ -103,34 +101,64 @@ class PollerPool:
         return self._tracker.following
 
     def follow(self, entry: Entry, *, poll_now: bool = False) -> None:
-        """Put a newly followed job on the schedule (its first poll from its class's plan)."""
+        """Put a newly followed job on the schedule (its first poll from its class's plan, or
+        the safety net while callbacks come for tasks like it)."""
         if poll_now:
             self.poll_now(entry)
+        elif self._tracker.pushes(entry):
+            self._schedule(entry, time.monotonic() + self._safety_gap())
         else:
             model = self._tracker.durations.model(entry.class_key)
             self._schedule(entry, entry.started_at + model.next_age(0.0))
 
     def poll_now(self, entry: Entry) -> None:
-        """Poll this job's task as soon as a poller is free (an outside hint, a track)."""
-        self._schedule(entry, time.monotonic())
+        """Poll this job's task as soon as a poller is free (a track)."""
+        self._schedule(entry, time.monotonic(), pinned=True)
+
+    def hinted(self, entry: Entry, *, ending: bool) -> None:
+        """A callback came for this job's task. One that claims an end is confirmed by a poll
+        now, or ``min_interval`` after the last one a hint brought (duplicates and forgeries
+        cost at most one poll per interval); any other puts off a planned poll to the safety
+        net, never one already due to confirm."""
+        now = time.monotonic()
+        if ending:
+            entry.unconfirmed = True
+            at = max(now, entry.confirmed_at + self.policy.min_interval)
+            if not (entry.pinned and now < entry.due <= at):
+                self._confirm(entry, at)
+        elif not entry.pinned and entry.due < now + self.policy.safety_interval * 0.5:
+            self._schedule(entry, now + self._safety_gap())
+
+    def _confirm(self, entry: Entry, at: float) -> None:
+        entry.confirmed_at = at
+        self._schedule(entry, at, pinned=True)
 
     def schedule_next(self, entry: Entry) -> None:
         """Schedule the next poll after a snapshot at ``entry.poll_age``.
 
-        While outside hints (callbacks) come for the task, each of which brings a poll
-        forward by itself, the schedule keeps only a safety net: one poll every
-        ``max_interval``, in case the hint that matters is lost."""
+        While callbacks come for the task, each that claims an end bringing a poll forward by
+        itself, the schedule keeps only a safety net: one poll every ``safety_interval``, in
+        case the callback that matters is lost."""
         age = entry.poll_age
+        now = time.monotonic()
+        if entry.unconfirmed:
+            # A callback claimed an end while the last poll was on its way: look again.
+            self._confirm(entry, max(now, entry.confirmed_at + self.policy.min_interval))
+            return
+        if self._tracker.pushes(entry):
+            self._schedule(entry, now + self._safety_gap())
+            return
         gap = self._tracker.durations.model(entry.class_key).next_age(age) - age
         gap = max(self.policy.min_interval * 0.5, self.policy.jittered(gap, self._rng))
-        now = time.monotonic()
-        hinted = entry.hinted_at
-        if hinted is not None and now - hinted < _HINTS_COUNT_FOR * self.policy.max_interval:
-            gap = max(gap, self.policy.jittered(self.policy.max_interval, self._rng))
         self._schedule(entry, now + gap)
 
-    def _schedule(self, entry: Entry, due: float) -> None:
+    def _safety_gap(self) -> float:
+        return self.policy.jittered(self.policy.safety_interval, self._rng)
+
+    def _schedule(self, entry: Entry, due: float, *, pinned: bool = False) -> None:
         entry.poll_token += 1
+        entry.due = due
+        entry.pinned = pinned
         was_first = not self._heap or due < self._heap[0][0]
         heapq.heappush(self._heap, (due, next(self._seq), entry.poll_token, entry))
         if was_first:
@@ -192,7 +220,7 @@ class PollerPool:
             await self._poll(entry)
         elif (wait := self._last_sweep + self.policy.min_interval - time.monotonic()) > 0:
             # A sweep covers everyone soon: it is cheaper than a poll of its own.
-            self._schedule(entry, time.monotonic() + wait)
+            self._schedule(entry, time.monotonic() + wait, pinned=entry.pinned)
         else:
             await self._sweep(entry)
 
@@ -207,6 +235,7 @@ class PollerPool:
         job = entry.job
         assert job.task_id is not None
         self.polls += 1
+        entry.unconfirmed = False  # what this poll sees answers every hint before it
         try:
             task = await self._resource.get(job.task_id)
         except KlingError as exc:

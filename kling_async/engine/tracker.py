@@ -81,6 +81,13 @@ class Entry:
     #: When an outside hint (a callback) last came for its task: while hints come, the
     #: pollers keep only a safety-net poll for it.
     hinted_at: float | None = None
+    #: When its next poll is due, whether that poll must not be put off (it confirms a
+    #: hint, or follows a task just tracked), and when a hint last brought a poll forward.
+    due: float = 0.0
+    pinned: bool = False
+    confirmed_at: float = -1e18
+    #: A callback claimed an end that no poll started since has looked at.
+    unconfirmed: bool = False
     #: Poll rounds in a row that said "not found", or that failed, and since when.
     not_found: int = 0
     failures: int = 0
@@ -112,6 +119,10 @@ class Tracker:
         #: learned its task id): they mirror the followed job, holding no slot of their own.
         self._mirrors: dict[str, list[Job]] = {}
         self._mirrored: set[Job] = set()
+        #: The client's own callback URL (push delivery), and when a hint last came for any
+        #: task: while hints come, a task created with that URL is polled only as a safety net.
+        self.callback_url: str | None = None
+        self.last_hint: float | None = None
 
     # --- finding jobs ----------------------------------------------------------------------
 
@@ -321,9 +332,12 @@ class Tracker:
 
     def observe(self, task: Task, *, confirmed: bool) -> Job | None:
         """A snapshot of a task seen elsewhere. Confirmed (the caller fetched it with the
-        account's credentials) it moves the job forward like a poll; unconfirmed (a callback,
-        anything from outside) it only brings the job's next authenticated poll forward to
-        now. Returns the job it concerns, or None if no followed job has that task."""
+        account's credentials) it moves the job forward like a poll. Unconfirmed (a callback,
+        anything from outside) it changes nothing by itself: one that claims an end brings the
+        job's next authenticated poll forward to now (at most once per ``min_interval``, so a
+        flood of forged hints costs little); any other only tells the pollers that callbacks
+        come, so they keep a safety-net poll. Returns the job it concerns, or None if no
+        followed job has that task."""
         job = self.by_task.get(task.task_id)
         if job is None or job.done or self.following.get(task.task_id) is not job:
             return None
@@ -332,9 +346,26 @@ class Tracker:
         else:
             assert self.pollers is not None
             entry = self.entry(job)
-            entry.hinted_at = time.monotonic()
-            self.pollers.poll_now(entry)
+            entry.hinted_at = self.last_hint = time.monotonic()
+            ending = task.status.is_terminal or task.status is TaskStatus.UNKNOWN
+            self.pollers.hinted(entry, ending=ending)
         return job
+
+    def pushes(self, entry: Entry) -> bool:
+        """Whether callbacks are coming for this entry's task: one came for it lately, or it
+        was created with the client's callback URL while callbacks come for others."""
+        now = time.monotonic()
+        window = 2 * self.pollers.policy.safety_interval if self.pollers is not None else 0.0
+        if entry.hinted_at is not None and now - entry.hinted_at < window:
+            return True
+        request = entry.job.request
+        return (
+            self.callback_url is not None
+            and self.last_hint is not None
+            and now - self.last_hint < window
+            and request is not None
+            and request.callback_url in (None, self.callback_url)
+        )
 
     def fail(self, job: Job, error: BaseException) -> None:
         """The job ends with ``error`` (its task, if any, kept on ``.task``). A mirror ends

@@ -33,6 +33,10 @@ class PollPolicy:
     ``min_interval / 6``). The defaults suit real Kling, where tasks take minutes; against a
     time-scaled emulator, scale every value by the emulator's ``time_scale``. ``jitter`` is the
     +/- fraction applied to each gap so tasks submitted together do not poll in lockstep.
+
+    ``safety_interval`` is the gap between polls of a task whose callbacks arrive (push
+    delivery): each callback that claims an end is confirmed at once, so polls are only a
+    safety net in case the callback that matters is lost.
     """
 
     min_interval: float = attrs.field(default=2.0, validator=_positive)
@@ -44,6 +48,7 @@ class PollPolicy:
     lag_per_poll: float | None = attrs.field(
         default=None, validator=attrs.validators.optional(_positive)
     )
+    safety_interval: float = attrs.field(default=300.0, validator=_positive)
 
     @property
     def effective_lag_per_poll(self) -> float:
@@ -57,6 +62,7 @@ class PollPolicy:
             max_interval=self.max_interval * factor,
             initial_estimate=self.initial_estimate * factor,
             lag_per_poll=self.effective_lag_per_poll * factor,
+            safety_interval=self.safety_interval * factor,
         )
 
     def __attrs_post_init__(self) -> None:
