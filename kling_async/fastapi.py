@@ -428,7 +428,13 @@ def lifespan(
     return run
 
 
-def _integration(request: Request) -> Integration:
+async def _integration(request: Request) -> Integration:
+    # async: FastAPI runs a plain ``def`` dependency in a worker thread, and the client and
+    # the event log belong to the event loop's thread.
+    return _integration_of(request)
+
+
+def _integration_of(request: Request) -> Integration:
     integration = getattr(request.state, _STATE_KEY, None)
     if not isinstance(integration, Integration):
         raise ka.UsageError(
@@ -438,8 +444,8 @@ def _integration(request: Request) -> Integration:
     return integration
 
 
-def _client(request: Request) -> ka.KlingClient:
-    return _integration(request).client
+async def _client(request: Request) -> ka.KlingClient:
+    return _integration_of(request).client
 
 
 #: The dependency type for handlers: ``async def handler(kling: kf.Kling): ...``.
@@ -637,32 +643,39 @@ def router(
             return _error(
                 422, [{"loc": ["body"], "msg": "the list of requests is empty", "type": "value"}]
             )
-        known: dict[int, ka.Job] = {}
-        fresh: list[ka.Text2VideoRequest] = []
+        # Validated all before any is queued; a request naming a job's id resumes that job
+        # (a retried POST creates nothing; one that ended without a task goes again).
+        prepared: list[ka.Text2VideoRequest] = []
+        ids: set[str] = set()
         for index, item in enumerate(items):
-            where = index if many else None
             try:
-                req = ka.Text2VideoRequest.from_dict(item)
-                prepared = kling.text2video.prepare(req)
+                req = kling.text2video.prepare(ka.Text2VideoRequest.from_dict(item))
             except ka.ValidationError as error:
-                return _invalid(error, where)
-            job = kling.job(req.external_task_id) if req.external_task_id else None
-            if job is not None and job.id == req.external_task_id:
-                if job.request != prepared:
-                    return _error(
-                        409,
-                        f"external_task_id={job.id!r} is the id of a job with another request",
-                    )
-                known[index] = job
-            else:
-                fresh.append(prepared)
+                return _invalid(error, index if many else None)
+            job_id = req.external_task_id
+            assert job_id is not None
+            if job_id in ids:
+                twice = ka.ValidationError(
+                    "external_task_id", job_id, "is given to two requests of this list"
+                )
+                return _invalid(twice, index if many else None)
+            ids.add(job_id)
+            job = kling.job(job_id)
+            if job is not None and job.id == job_id and job.request != req:
+                return _error(
+                    409, f"external_task_id={job_id!r} is the id of a job with another request"
+                )
+            prepared.append(req)
+        resumed = [kling.job(req.external_task_id or "") is not None for req in prepared]
+        pairs = list(zip(prepared, resumed, strict=True))
         try:
-            submitted = iter(kling.submit_many(fresh))
+            fresh = iter(kling.submit_many(r for r, old in pairs if not old))
+            again = iter(kling.submit_many((r for r, old in pairs if old), resume=True))
         except ka.ValidationError as error:
             return _invalid(error, None)
         except ka.UsageError:
             return _error(503, "the Kling client is shutting down", {"Retry-After": "5"})
-        out = [known[i] if i in known else next(submitted) for i in range(len(items))]
+        out = [next(again) if old else next(fresh) for old in resumed]
         views = [_view(request, job) for job in out]
         location = views[0]["links"]["self"] if not many else request.url_for("kling_async_list")
         return JSONResponse(
@@ -704,7 +717,7 @@ def router(
         """One job (by its id or its task id)."""
         return JSONResponse(_view(request, _find(kling, job_id)))
 
-    def stream_start(
+    async def stream_start(
         job_id: str,
         integration: _It,
         last_event_id: Annotated[str | None, Header()] = None,
@@ -801,7 +814,7 @@ def router(
     @outer.post("/callbacks/{token}", name=_CALLBACK_ROUTE, include_in_schema=False)
     async def callback(token: str, request: Request) -> Response:
         """Kling's push delivery: a hint, confirmed by the client with its credentials."""
-        integration = _integration(request)
+        integration = _integration_of(request)
         if not integration.token_matches(token):
             return _error(404, "Not Found")
         body = await _read_body(request, CALLBACK_BODY_LIMIT)

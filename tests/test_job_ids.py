@@ -170,3 +170,19 @@ async def test_track_of_a_task_seen_ending_through_wait_is_finished_at_once(emu:
         assert kling.stats.active == 0
         assert emu.stats.requests_per_route["get"] == gets  # no request needed
         assert kling.track(task.task_id) is job
+
+
+async def test_jobs_lists_every_job_oldest_first_and_filters_by_status(emu: Emulator) -> None:
+    async with client_for(emu) as kling:
+        assert kling.jobs() == []
+        first = kling.submit(ka.Text2VideoRequest(prompt="first", external_task_id="j-1"))
+        second = kling.submit(ka.Text2VideoRequest(prompt="second", external_task_id="j-2"))
+        assert kling.jobs() == [first, second]
+        await first.wait()
+        await second.wait()
+        tracked = kling.track(first.task_id or "")  # the same job, not a new one
+        assert tracked is first
+        assert kling.jobs(ka.JobStatus.SUCCEEDED) == [first, second]
+        assert kling.jobs([ka.JobStatus.QUEUED, ka.JobStatus.ERROR]) == []
+        with pytest.raises(ka.ValidationError, match="status"):
+            kling.jobs(["succeed"])  # type: ignore[list-item]

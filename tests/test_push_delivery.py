@@ -181,3 +181,10 @@ def test_a_hint_of_an_end_during_a_poll_is_looked_at_again() -> None:
     tracker.observe(ENDED, confirmed=False)  # ...the task ended and its callback came...
     tracker.snapshot(job, RUNNING, time.monotonic())  # ...then the poll's older answer
     assert _next_due(pool, entry) <= policy.min_interval  # looked at again, not in 300 s
+
+
+def test_the_safety_interval_is_checked_and_scaled() -> None:
+    assert ka.PollPolicy().safety_interval == 300.0
+    assert ka.PollPolicy().scaled(0.01).safety_interval == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="safety_interval"):
+        ka.PollPolicy(safety_interval=0)
