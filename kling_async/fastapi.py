@@ -29,6 +29,7 @@ Needs the ``[fastapi]`` extra (FastAPI with its own ``EventSourceResponse``). Se
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -587,6 +588,37 @@ _SUBMIT_OPENAPI: dict[str, Any] = {
 }
 
 
+class _Pace:
+    """When a stream should end, and when it owes a heartbeat: after ``heartbeat`` seconds
+    with nothing sent (other jobs' events wake a stream too, and are no reason for one)."""
+
+    def __init__(self, heartbeat: float, stream_timeout: float | None) -> None:
+        self.heartbeat = heartbeat
+        now = anyio.current_time()
+        self.deadline = math.inf if stream_timeout is None else now + stream_timeout
+        self.sent = now
+
+    def mark(self) -> None:
+        self.sent = anyio.current_time()
+
+    async def idle(self, event_log: EventLog) -> bool:
+        """Wait for the next event or heartbeat; False when the stream should end (the
+        client is closing, or the stream's time is up). No cancel scope is held across a
+        ``yield`` of the streams: their generator is driven by another task than the one
+        whose scope it would be."""
+        if event_log.closed:
+            return False
+        now = anyio.current_time()
+        left = self.deadline - now
+        if left <= 0:
+            return False
+        await event_log.wait(max(0.0, min(self.sent + self.heartbeat - now, left)))
+        return not event_log.closed and anyio.current_time() < self.deadline
+
+    def owed(self) -> bool:
+        return anyio.current_time() - self.sent >= self.heartbeat
+
+
 def router(
     *,
     dependencies: Sequence[DependsParam] | None = None,
@@ -743,18 +775,20 @@ def router(
         """The job's state changes as Server-Sent Events, until its end."""
         job, cursor = start
         event_log = integration.log
-        with anyio.move_on_after(stream_timeout if stream_timeout is not None else float("inf")):
-            while True:
-                for item in event_log.of_job(job.id, cursor):
-                    cursor = item[0]
-                    yield ServerSentEvent(id=event_log.event_id(cursor), data=event_view(item))
-                    current = integration.client.job(job.id)
-                    if item[2].status.is_terminal and (current is None or current.done):
-                        return
-                if event_log.closed:
+        pace = _Pace(heartbeat, stream_timeout)
+        while True:
+            for item in event_log.of_job(job.id, cursor):
+                cursor = item[0]
+                yield ServerSentEvent(id=event_log.event_id(cursor), data=event_view(item))
+                pace.mark()
+                current = integration.client.job(job.id)
+                if item[2].status.is_terminal and (current is None or current.done):
                     return
-                if not await event_log.wait(heartbeat):
-                    yield ServerSentEvent(comment="heartbeat")
+            if not await pace.idle(event_log):
+                return
+            if pace.owed():
+                yield ServerSentEvent(comment="heartbeat")
+                pace.mark()
 
     @jobs.get("/events", response_class=EventSourceResponse, name="kling_async_events")
     async def all_events(
@@ -766,26 +800,28 @@ def router(
         event_log = integration.log
         seen = event_log.parse(last_event_id or after)
         cursor = event_log.seq if seen is None else seen
-        with anyio.move_on_after(stream_timeout if stream_timeout is not None else float("inf")):
-            while True:
-                items = event_log.since(cursor)
-                if items is None:
-                    # What the reader missed is no longer kept (or is from before a restart):
-                    # it should reload the jobs, then go on from here.
-                    cursor = event_log.seq
-                    yield ServerSentEvent(
-                        id=event_log.event_id(cursor),
-                        event="reset",
-                        data={"reason": "missed events are gone: reload GET /jobs"},
-                    )
-                    continue
-                for item in items:
-                    cursor = item[0]
-                    yield ServerSentEvent(id=event_log.event_id(cursor), data=event_view(item))
-                if event_log.closed:
-                    return
-                if not await event_log.wait(heartbeat):
-                    yield ServerSentEvent(comment="heartbeat")
+        pace = _Pace(heartbeat, stream_timeout)
+        while True:
+            items = event_log.since(cursor)
+            if items is None:
+                # What the reader missed is no longer kept (or is from before a restart):
+                # it should reload the jobs, then go on from here.
+                cursor = event_log.seq
+                yield ServerSentEvent(
+                    id=event_log.event_id(cursor),
+                    event="reset",
+                    data={"reason": "missed events are gone: reload GET /jobs"},
+                )
+                continue
+            for item in items:
+                cursor = item[0]
+                yield ServerSentEvent(id=event_log.event_id(cursor), data=event_view(item))
+                pace.mark()
+            if not await pace.idle(event_log):
+                return
+            if pace.owed():
+                yield ServerSentEvent(comment="heartbeat")
+                pace.mark()
 
     @jobs.get("/jobs/{job_id}/video", name="kling_async_job_video", response_model=None)
     async def video(job_id: str, integration: _It) -> Response:

@@ -532,10 +532,16 @@ class TrackerMachine(RuleBasedStateMachine):
         if not confirmed or concerned is None:
             self.settle()
             assert (state(), self.slots.active) == (before, active)
-            # A hint about a followed task brings its next poll forward (a new schedule).
-            assert self.tracker.entry(seen.job).poll_token == schedule + (
-                concerned is not None and not confirmed
-            )
+            if concerned is not None and not confirmed:
+                # A hint that claims an end brings a confirming poll within min_interval;
+                # any other leaves a poll scheduled (at the latest, the safety net).
+                entry = self.tracker.entry(seen.job)
+                assert entry.poll_token >= schedule
+                if status.is_terminal or status is ka.TaskStatus.UNKNOWN:
+                    assert entry.unconfirmed
+                    assert entry.due <= time.monotonic() + self.pool.policy.min_interval
+            else:
+                assert self.tracker.entry(seen.job).poll_token == schedule
             return
         job = concerned.job
         if RANK[JobStatus.of(status)] >= RANK[was]:

@@ -123,11 +123,16 @@ class PollerPool:
         now = time.monotonic()
         if ending:
             entry.unconfirmed = True
-            at = max(now, entry.confirmed_at + self.policy.min_interval)
+            at = self._confirm_at(entry, now)
             if not (entry.pinned and now < entry.due <= at):
                 self._confirm(entry, at)
         elif not entry.pinned and entry.due < now + self.policy.safety_interval * 0.5:
             self._schedule(entry, now + self._safety_gap())
+
+    def _confirm_at(self, entry: Entry, now: float) -> float:
+        """Now, or ``min_interval`` after the last confirming poll (never later than that)."""
+        wait = self.policy.min_interval
+        return max(now, min(entry.confirmed_at + wait, now + wait))
 
     def _confirm(self, entry: Entry, at: float) -> None:
         entry.confirmed_at = at
@@ -143,7 +148,7 @@ class PollerPool:
         now = time.monotonic()
         if entry.unconfirmed:
             # A callback claimed an end while the last poll was on its way: look again.
-            self._confirm(entry, max(now, entry.confirmed_at + self.policy.min_interval))
+            self._confirm(entry, self._confirm_at(entry, now))
             return
         if self._tracker.pushes(entry):
             self._schedule(entry, now + self._safety_gap())

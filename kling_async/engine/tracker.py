@@ -412,9 +412,11 @@ class Tracker:
         job._change(status, task)
         self._touch(job)
         for mirror in self._mirrors_of(job):
-            mirror.task = task if task is not None else mirror.task
-            if mirror.status is not status and _RANK[status] >= _RANK[mirror.status]:
-                mirror._change(status, task)
+            # A mirror that polled its way further on its own keeps its own (later) snapshot.
+            if _RANK[status] >= _RANK[mirror.status]:
+                mirror.task = task if task is not None else mirror.task
+                if mirror.status is not status:
+                    mirror._change(status, task)
             self._touch(mirror)
 
     def _mirrors_of(self, job: Job) -> list[Job]:
