@@ -50,6 +50,7 @@ import kling_async as ka
 try:
     from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
     from fastapi.params import Depends as DependsParam
+    from fastapi.requests import HTTPConnection
     from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
     from fastapi.sse import EventSourceResponse, ServerSentEvent
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -429,14 +430,15 @@ def lifespan(
     return run
 
 
-async def _integration(request: Request) -> Integration:
+async def _integration(connection: HTTPConnection) -> Integration:
     # async: FastAPI runs a plain ``def`` dependency in a worker thread, and the client and
-    # the event log belong to the event loop's thread.
-    return _integration_of(request)
+    # the event log belong to the event loop's thread. An HTTPConnection, so that WebSocket
+    # handlers get the client too.
+    return _integration_of(connection)
 
 
-def _integration_of(request: Request) -> Integration:
-    integration = getattr(request.state, _STATE_KEY, None)
+def _integration_of(connection: HTTPConnection) -> Integration:
+    integration = getattr(connection.state, _STATE_KEY, None)
     if not isinstance(integration, Integration):
         raise ka.UsageError(
             "kling_async.fastapi needs its lifespan: FastAPI(lifespan=kf.lifespan(...)), "
@@ -445,8 +447,8 @@ def _integration_of(request: Request) -> Integration:
     return integration
 
 
-async def _client(request: Request) -> ka.KlingClient:
-    return _integration_of(request).client
+async def _client(connection: HTTPConnection) -> ka.KlingClient:
+    return _integration_of(connection).client
 
 
 #: The dependency type for handlers: ``async def handler(kling: kf.Kling): ...``.

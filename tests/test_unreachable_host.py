@@ -64,6 +64,9 @@ async def test_every_queued_job_ends_unreachable_and_calls_fail_fast() -> None:
     async with client(closed_port(), unreachable_after=0.5, max_concurrent_submits=2) as kling:
         jobs = kling.submit_many(requests(10))
         await wait_for_attempts(kling, 1)
+        with anyio.fail_after(20):  # counted as it starts; its failure is known as it ends
+            while kling.stats.connection_error is None:
+                await anyio.sleep(0.002)
         error = kling.stats.connection_error  # while it lasts, it says what went wrong
         assert error is not None and "refused" in error.lower()
         assert not any(job.done for job in jobs)
