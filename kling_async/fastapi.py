@@ -132,24 +132,34 @@ class EventLog:
         return f"{self.epoch}-{seq}"
 
     def parse(self, event_id: str | None) -> int | None:
-        """The number of an event id of this process; 0 for one of another process (or not
-        one of ours); None when there is none."""
+        """The number of an event id of this process (0: before its first event); -1 for one
+        of another process, or not one of ours, which no event kept here follows; None when
+        there is none. -1, not 0: ``GET /jobs`` hands out ``<epoch>-0`` before the first
+        event, and a reader resuming from it has missed nothing."""
         if not event_id:
             return None
         epoch, _, number = event_id.strip().partition("-")
         if epoch != self.epoch or not number.isdigit():
-            return 0
+            return -1
         return min(int(number), self.seq)
 
     def of_job(self, job_id: str, after: int) -> list[tuple[int, float, ka.JobEvent]]:
         return [item for item in self._by_job.get(job_id, ()) if item[0] > after]
 
-    def last_of_job(self, job_id: str) -> int:
+    def end_of(self, job_id: str) -> int | None:
+        """The number of the job's terminal event, once it is numbered here (None before:
+        a job that has just ended in the client is numbered at this log's task's next turn,
+        and a reader must not be told it has seen the end before the end is here)."""
         items = self._by_job.get(job_id)
-        return items[-1][0] if items else 0
+        if items and items[-1][2].status.is_terminal:
+            return items[-1][0]
+        return None
 
     def since(self, after: int) -> list[tuple[int, float, ka.JobEvent]] | None:
-        """Every event after ``after``, or None when some of them are no longer kept."""
+        """Every event after ``after``, or None when some of them are no longer kept (always
+        for -1: what a reader of another process missed is not here)."""
+        if after < 0:
+            return None
         if after >= self.seq:
             return []
         if not self.recent or self.recent[0][0] > after + 1:
@@ -158,8 +168,9 @@ class EventLog:
         return [self.recent[i] for i in range(start, len(self.recent))]
 
 
-def event_view(item: tuple[int, float, ka.JobEvent]) -> dict[str, Any]:
-    """An event as JSON: the job's snapshot (``Job.to_dict`` keys) as of that change."""
+def event_view(item: tuple[int, float, ka.JobEvent], request: Request) -> dict[str, Any]:
+    """An event as JSON: the job's snapshot (``Job.to_dict`` keys and ``links``, as the
+    router's other answers) as of that change."""
     _, at, event = item
     job = event.job
     view = job.to_dict()
@@ -178,6 +189,7 @@ def event_view(item: tuple[int, float, ka.JobEvent]) -> dict[str, Any]:
         if isinstance(error, ka.RestoredError):
             view["error"] = {"type": error.error_type, "message": error.message}
     view["updated_at"] = _iso(at)
+    view["links"] = _links(request, job)
     return view
 
 
@@ -465,7 +477,8 @@ def _error(status: int, detail: object, headers: Mapping[str, str] | None = None
 
 def _invalid(error: ka.ValidationError, index: int | None) -> JSONResponse:
     loc: list[str | int] = ["body"] if index is None else ["body", index]
-    loc.extend(part for part in error.field.split(".") if part)
+    if error.field != "request":  # "request" is the whole item (not a mapping): no key of it
+        loc.extend(part for part in error.field.split(".") if part)
     return _error(
         422,
         [
@@ -496,6 +509,12 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _not_here() -> ka.ValidationError:
+    return ka.ValidationError(
+        "callback_url", "***", "is not accepted here: the app's lifespan sets it (public_url)"
+    )
 
 
 def _links(request: Request, job: ka.Job) -> dict[str, str]:
@@ -684,6 +703,10 @@ def router(
         for index, item in enumerate(items):
             try:
                 req = kling.text2video.prepare(ka.Text2VideoRequest.from_dict(item))
+                if req.callback_url is not None:
+                    # Whoever calls the app must not point Kling at a URL of their choosing,
+                    # nor take the job's callbacks away from this app.
+                    raise _not_here()
             except ka.ValidationError as error:
                 return _invalid(error, index if many else None)
             job_id = req.external_task_id
@@ -695,7 +718,11 @@ def router(
                 return _invalid(twice, index if many else None)
             ids.add(job_id)
             job = kling.job(job_id)
-            if job is not None and job.id == job_id and job.request != req:
+            if job is not None and job.id != job_id:
+                # The task id of another job: resuming "it" would resume that job (and fail
+                # after the others of the list were queued).
+                return _error(409, f"external_task_id={job_id!r} is the task id of job {job.id!r}")
+            if job is not None and job.request != req:
                 return _error(
                     409, f"external_task_id={job_id!r} is the id of a job with another request"
                 )
@@ -728,16 +755,19 @@ def router(
     ) -> JSONResponse:
         """Jobs, oldest first: ``status`` filters (repeat it, or comma-separate; ``active``
         and ``done`` name groups), ``after`` is the last id of the previous page."""
-        kling = integration.client
-        found = kling.jobs(_statuses(status)) if status else kling.jobs()
+        wanted = set(_statuses(status)) if status else None
+        every = integration.client.jobs()
         start = 0
         if after is not None:
-            ids = [job.id for job in found]
+            # A place in the list of all jobs, not in the filtered one: the job that ended
+            # the previous page may have left the filter since (an active job that ended).
+            ids = [job.id for job in every]
             if after not in ids:
-                raise HTTPException(422, f"after={after!r} is not the id of a listed job")
+                raise HTTPException(422, f"after={after!r} is not the id of a job")
             start = ids.index(after) + 1
-        page = found[start : start + limit]
-        more = start + limit < len(found)
+        found = [job for job in every[start:] if wanted is None or job.status in wanted]
+        page = found[:limit]
+        more = limit < len(found)
         return JSONResponse(
             {
                 "jobs": [_view(request, job) for job in page],
@@ -759,12 +789,8 @@ def router(
     ) -> tuple[ka.Job, int]:
         job = _find(integration.client, job_id)
         seen = integration.log.parse(last_event_id or after)
-        if (
-            seen is not None
-            and job.done
-            and seen > 0
-            and seen >= integration.log.last_of_job(job.id)
-        ):
+        end = integration.log.end_of(job.id)
+        if seen is not None and seen > 0 and job.done and end is not None and seen >= end:
             raise HTTPException(204)  # it ended and the reader saw that: nothing more, ever
         return job, seen or 0
 
@@ -772,7 +798,9 @@ def router(
         "/jobs/{job_id}/events", response_class=EventSourceResponse, name="kling_async_job_events"
     )
     async def job_events(
-        integration: _It, start: Annotated[tuple[ka.Job, int], Depends(stream_start)]
+        request: Request,
+        integration: _It,
+        start: Annotated[tuple[ka.Job, int], Depends(stream_start)],
     ) -> AsyncIterator[ServerSentEvent]:
         """The job's state changes as Server-Sent Events, until its end."""
         job, cursor = start
@@ -781,7 +809,7 @@ def router(
         while True:
             for item in event_log.of_job(job.id, cursor):
                 cursor = item[0]
-                yield ServerSentEvent(id=event_log.event_id(cursor), data=event_view(item))
+                yield ServerSentEvent(id=event_log.event_id(cursor), data=event_view(item, request))
                 pace.mark()
                 current = integration.client.job(job.id)
                 if item[2].status.is_terminal and (current is None or current.done):
@@ -794,6 +822,7 @@ def router(
 
     @jobs.get("/events", response_class=EventSourceResponse, name="kling_async_events")
     async def all_events(
+        request: Request,
         integration: _It,
         last_event_id: Annotated[str | None, Header()] = None,
         after: Annotated[str | None, Query()] = None,
@@ -817,7 +846,7 @@ def router(
                 continue
             for item in items:
                 cursor = item[0]
-                yield ServerSentEvent(id=event_log.event_id(cursor), data=event_view(item))
+                yield ServerSentEvent(id=event_log.event_id(cursor), data=event_view(item, request))
                 pace.mark()
             if not await pace.idle(event_log):
                 return

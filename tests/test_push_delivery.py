@@ -188,3 +188,15 @@ def test_the_safety_interval_is_checked_and_scaled() -> None:
     assert ka.PollPolicy().scaled(0.01).safety_interval == pytest.approx(3.0)
     with pytest.raises(ValueError, match="safety_interval"):
         ka.PollPolicy(safety_interval=0)
+
+
+def test_a_flood_of_hints_never_puts_off_the_confirmation_already_due() -> None:
+    tracker, _pool, job, entry, _policy = _hinted_pool()
+    tracker.snapshot(job, RUNNING, time.monotonic())
+    tracker.observe(ENDED, confirmed=False)
+    due = entry.due  # the confirming poll, due now, not yet served
+    token = entry.poll_token
+    for _ in range(100):
+        time.sleep(0.0001)
+        tracker.observe(ENDED, confirmed=False)
+    assert (entry.due, entry.poll_token) == (due, token)  # still the first one, still due

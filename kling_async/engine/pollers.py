@@ -124,7 +124,7 @@ class PollerPool:
         if ending:
             entry.unconfirmed = True
             at = self._confirm_at(entry, now)
-            if not (entry.pinned and now < entry.due <= at):
+            if not (entry.pinned and entry.due <= at):  # one is due (or on its way)
                 self._confirm(entry, at)
         elif not entry.pinned and entry.due < now + self.policy.safety_interval * 0.5:
             self._schedule(entry, now + self._safety_gap())
