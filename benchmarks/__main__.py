@@ -1,34 +1,55 @@
-"""`python -m benchmarks [polling|scale|hardening|decode ...] [--tasks N] [--slots K] ...`."""
+"""`python -m benchmarks [polling|scale|hardening|decode|callbacks ...] [--tasks N] ...`.
+
+With no suite named, polling, scale, hardening and decode run; callbacks is opt-in (it serves
+a FastAPI app per contender and takes a few minutes, see ``benchmarks/callbacks.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from . import decode, hardening, polling, scale
+from . import callbacks, decode, hardening, polling, scale
+
+SUITES = ("polling", "scale", "hardening", "decode", "callbacks")
+DEFAULT_SUITES = ("polling", "scale", "hardening", "decode")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument(
-        "suites", nargs="*", help="polling, scale, hardening, decode (default: all)"
+        "suites", nargs="*", help=f"{', '.join(SUITES)} (default: all but callbacks)"
     )
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--slots", type=int, default=20)
-    parser.add_argument("--time-scale", type=float, default=0.02)
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help=f"default: {polling.DEFAULT_TIME_SCALE} for polling, "
+        f"{callbacks.DEFAULT_TIME_SCALE} for callbacks",
+    )
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--contender", action="append", help="run only these polling contenders")
+    parser.add_argument(
+        "--contender",
+        action="append",
+        help="run only these contenders: polling's, or callbacks' "
+        f"{', '.join(callbacks.CONTENDERS)} (callbacks runs all of its own if none is named)",
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument(
         "--case", action="append", choices=sorted(hardening.CASES), help="hardening cases to run"
     )
     args = parser.parse_args()
-    suites = args.suites or ["polling", "scale", "hardening", "decode"]
-    unknown = sorted(set(suites) - {"polling", "scale", "hardening", "decode"})
+    suites = args.suites or list(DEFAULT_SUITES)
+    unknown = sorted(set(suites) - set(SUITES))
     if unknown:
-        parser.error(f"unknown suite {unknown[0]!r}: choose polling, scale, hardening or decode")
+        parser.error(f"unknown suite {unknown[0]!r}: choose {', '.join(SUITES)}")
     if "polling" in suites:
         workload = polling.Workload(
-            tasks=args.tasks, slots=args.slots, time_scale=args.time_scale, seed=args.seed
+            tasks=args.tasks,
+            slots=args.slots,
+            time_scale=polling.DEFAULT_TIME_SCALE if args.time_scale is None else args.time_scale,
+            seed=args.seed,
         )
         polling.run(workload, args.contender)
     if "scale" in suites:
@@ -37,6 +58,17 @@ def main() -> None:
         hardening.run(args.case)
     if "decode" in suites:
         decode.run()
+    if "callbacks" in suites:
+        workload = polling.Workload(
+            tasks=args.tasks,
+            slots=args.slots,
+            time_scale=(
+                callbacks.DEFAULT_TIME_SCALE if args.time_scale is None else args.time_scale
+            ),
+            seed=args.seed,
+        )
+        only = [c for c in args.contender or () if c in callbacks.CONTENDERS]
+        callbacks.run(workload, only or None)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def _child(conn: Connection, settings: dict[str, Any]) -> None:
                             "sent_1303": stats.sent_1303,
                             "sent_1302": stats.sent_1302,
                             "peak_active": stats.peak_active,
+                            "callbacks_failed": stats.callbacks_failed,
                             "max_per_external_id": max(
                                 stats.created_per_external_id.values(), default=0
                             ),

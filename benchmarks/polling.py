@@ -17,6 +17,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -26,24 +27,27 @@ from kling_async.protocol.schedule import inspection_schedule
 from ._harness import EmulatorProcess, TaskTruth
 
 API_ROUTES = ("create", "get", "get_by_external_id", "list")
+DEFAULT_TIME_SCALE = 0.02
 
 
 @attrs.frozen
 class Workload:
     tasks: int = 200
     slots: int = 20
-    time_scale: float = 0.02
+    time_scale: float = DEFAULT_TIME_SCALE
     seed: int = 2026
     median: float = 90.0
     sigma: float = 0.35
 
-    def emulator(self) -> EmulatorProcess:
+    def emulator(self, **settings: Any) -> EmulatorProcess:
+        """The workload's emulator; ``settings`` add emulator knobs (``callbacks=...``)."""
         return EmulatorProcess(
             time_scale=self.time_scale,
             seed=self.seed,
             median_duration=self.median,
             duration_sigma=self.sigma,
             concurrency_limit=self.slots,
+            **settings,
         )
 
     def requests(self) -> list[ka.Text2VideoRequest]:

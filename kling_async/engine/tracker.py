@@ -88,6 +88,10 @@ class Entry:
     confirmed_at: float = -1e18
     #: A callback claimed an end that no poll started since has looked at.
     unconfirmed: bool = False
+    #: The age at which a callback first claimed the task's end since the last poll that
+    #: showed it running: once a poll confirms the end, a better measurement of its duration
+    #: than the midpoint since that poll (under push delivery, the create).
+    end_hint_age: float | None = None
     #: Poll rounds in a row that said "not found", or that failed, and since when.
     not_found: int = 0
     failures: int = 0
@@ -327,6 +331,7 @@ class Tracker:
         if not job.done:
             entry = self.entry(job)
             entry.poll_age = observed_at - entry.started_at
+            entry.end_hint_age = None  # the end it claimed was not (yet) true
             assert self.pollers is not None
             self.pollers.schedule_next(entry)
 
@@ -348,6 +353,8 @@ class Tracker:
             entry = self.entry(job)
             entry.hinted_at = self.last_hint = time.monotonic()
             ending = task.status.is_terminal or task.status is TaskStatus.UNKNOWN
+            if ending and entry.end_hint_age is None:
+                entry.end_hint_age = entry.hinted_at - entry.started_at
             self.pollers.hinted(entry, ending=ending)
         return job
 
@@ -389,11 +396,17 @@ class Tracker:
         if task.status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED):
             entry = self.entry(job)
             if entry.measured:
-                # It ended between the previous look and this one: take the midpoint. A
+                # It ended between the previous look and this one: take the midpoint, or
+                # when a callback claimed the end in between, the callback's arrival. A
                 # statistics seam that fails must not keep the job from ending.
                 age = observed_at - entry.started_at
+                hint = entry.end_hint_age
+                if hint is not None and entry.poll_age <= hint <= age:
+                    duration = hint
+                else:
+                    duration = (entry.poll_age + age) / 2
                 try:
-                    self.durations.observe(entry.class_key, (entry.poll_age + age) / 2)
+                    self.durations.observe(entry.class_key, duration)
                 except Exception:
                     log.exception("the duration statistics failed; the job ends regardless")
             self._end(job, status, task)
