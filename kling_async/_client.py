@@ -252,6 +252,8 @@ class KlingClient:
             before_request=self._requests.acquire,
             on_rate_limited=self._rate_limited,
             health=self._health,
+            # A server may quote a create's body back: the callback URL's token is a secret.
+            secrets=() if callback_url is None else (callback_url, callback_url.rsplit("/", 1)[-1]),
         )
         lookup = external_id_lookup
         self.text2video = Text2VideoResource(
@@ -487,10 +489,12 @@ class KlingClient:
         ``confirmed=True`` says you fetched it yourself with this account's credentials: the
         job moves forward as if polled (states never move back). Unconfirmed (the default,
         right for anything that arrived from outside, such as a callback body), it changes
-        nothing by itself: the job's task is polled at once, with the credentials, and only
-        that answer counts, so a forged snapshot (a fake ``succeed`` with someone else's
-        URL) is never believed. Returns the job concerned, or None if no job this client
-        follows has that task.
+        nothing by itself: one that claims an end makes the client poll the task at once (at
+        most once per ``min_interval``), with the credentials, and only that answer counts,
+        so a forged snapshot (a fake ``succeed`` with someone else's URL) is never believed;
+        one that claims no end says callbacks come for the task, which then keeps only a
+        safety-net poll every ``PollPolicy.safety_interval``. Returns the job concerned, or
+        None if no job this client follows has that task.
         """
         self._running()
         if not isinstance(task, Task):

@@ -27,6 +27,7 @@ Needs the ``[fastapi]`` extra (FastAPI with its own ``EventSourceResponse``). Se
 """
 
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -139,7 +140,7 @@ class EventLog:
         if not event_id:
             return None
         epoch, _, number = event_id.strip().partition("-")
-        if epoch != self.epoch or not number.isdigit():
+        if epoch != self.epoch or not (number.isascii() and number.isdigit()) or len(number) > 18:
             return -1
         return min(int(number), self.seq)
 
@@ -219,7 +220,8 @@ class Downloads:
         """A file name for the job's clip that no id can turn into another path."""
         name = urllib.parse.quote(job_id, safe="")
         if len(name) > 150:
-            name = sha256(job_id.encode()).hexdigest()
+            # "%s" is never made by quote(): no job's own name can be another's hash.
+            name = "%sha256-" + sha256(job_id.encode()).hexdigest()
         return self.directory / f"{name}.mp4"
 
     def state(self, job_id: str) -> str:
@@ -254,6 +256,10 @@ class Downloads:
         except (ka.KlingError, OSError) as error:
             self.failed[job.id] = (time.monotonic(), str(error))
             log.warning("download of job %s's clip failed: %s", job.id, error)
+        except Exception as error:
+            # A bug must cost this clip only, never the app's client beside it.
+            self.failed[job.id] = (time.monotonic(), f"{type(error).__name__}: {error}")
+            log.exception("download of job %s's clip failed unexpectedly", job.id)
         finally:
             self._running.discard(job.id)
 
@@ -310,16 +316,21 @@ class _TokenFilter(logging.Filter):
         self._token = token
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(
-            isinstance(arg, str) and self._token in arg for arg in record.args
-        ):
-            record.args = tuple(
-                arg.replace(self._token, "***") if isinstance(arg, str) else arg
-                for arg in record.args
-            )
+        args = record.args
+        if isinstance(args, tuple) and any(self._has(arg) for arg in args):
+            record.args = tuple(self._mask(arg) for arg in args)
+        elif isinstance(args, Mapping) and any(self._has(arg) for arg in args.values()):
+            # hypercorn and gunicorn log one mapping of fields per request.
+            record.args = {key: self._mask(arg) for key, arg in args.items()}
         if isinstance(record.msg, str) and self._token in record.msg:
             record.msg = record.msg.replace(self._token, "***")
         return True
+
+    def _has(self, arg: object) -> bool:
+        return isinstance(arg, str) and self._token in arg
+
+    def _mask(self, arg: object) -> object:
+        return arg.replace(self._token, "***") if isinstance(arg, str) else arg
 
 
 _ACCESS_LOGGERS = ("uvicorn.access", "hypercorn.access", "gunicorn.access")
@@ -391,6 +402,14 @@ def lifespan(
         )
     directory = None if download_dir is None else Path(download_dir)
     options = dict(download_options or {})
+    known = set(inspect.signature(ka.KlingClient.download).parameters) - {"self", "task", "path"}
+    for name in options:
+        if name not in known:
+            raise ka.ValidationError(
+                f"download_options.{name}",
+                options[name],
+                f"is not an option of KlingClient.download ({', '.join(sorted(known))})",
+            )
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -408,7 +427,9 @@ def lifespan(
         for logger, token_filter in filters:
             logger.addFilter(token_filter)
         try:
-            client = ka.KlingClient(callback_url=callback_url, **client_options)
+            if callback_url is not None:
+                client_options["callback_url"] = callback_url
+            client = ka.KlingClient(**client_options)
             async with client, AsyncExitStack() as stack:
                 downloads = None
                 if directory is not None:
@@ -518,14 +539,22 @@ def _not_here() -> ka.ValidationError:
 
 
 def _links(request: Request, job: ka.Job) -> dict[str, str]:
+    # The id is quoted into the path (any id, even one made elsewhere, gives a working link
+    # and an ASCII header), not handed to url_for, which refuses a "/" in it.
+    quoted = "/" + urllib.parse.quote(job.id, safe="")
     return {
-        name: request.url_for(route, job_id=job.id).path
+        name: request.url_for(route, job_id=_SLOT).path.replace("/" + _SLOT, quoted, 1)
         for name, route in (
             ("self", "kling_async_job"),
             ("events", "kling_async_job_events"),
             ("video", "kling_async_job_video"),
         )
     }
+
+
+_SLOT = "kling-async-job-id"
+#: Ids a job submitted through the router may have: they travel in its URLs as they are.
+_JOB_ID_RULE = re.compile(r"[A-Za-z0-9_.~-]{1,128}")
 
 
 def _view(request: Request, job: ka.Job) -> dict[str, Any]:
@@ -688,7 +717,7 @@ def router(
             return _error(413, f"the body is over {_SUBMIT_BODY_LIMIT} bytes")
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return _error(422, [{"loc": ["body"], "msg": "the body is not JSON", "type": "json"}])
         many = isinstance(payload, list)
         items = payload if many else [payload]
@@ -711,6 +740,14 @@ def router(
                 return _invalid(error, index if many else None)
             job_id = req.external_task_id
             assert job_id is not None
+            if not _JOB_ID_RULE.fullmatch(job_id) or job_id in (".", ".."):
+                odd = ka.ValidationError(
+                    "external_task_id",
+                    job_id,
+                    "must be 1 to 128 characters of A-Z, a-z, 0-9, _ . ~ - (it is the job's "
+                    "id in its URLs)",
+                )
+                return _invalid(odd, index if many else None)
             if job_id in ids:
                 twice = ka.ValidationError(
                     "external_task_id", job_id, "is given to two requests of this list"

@@ -171,7 +171,11 @@ async def kling_app(
     settings = client_options(emu, **options)
     if push:
         settings.setdefault("public_url", f"http://127.0.0.1:{port_of(sock)}")
-    app = FastAPI(lifespan=kf.lifespan(**settings) if with_lifespan else None)
+    try:
+        app = FastAPI(lifespan=kf.lifespan(**settings) if with_lifespan else None)
+    except BaseException:
+        sock.close()  # refused before serving: the socket is not handed to the server
+        raise
     if include_router:
         app.include_router(kf.router(**dict(router_options or {})), prefix=PREFIX)
     if routes is not None:

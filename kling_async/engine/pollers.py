@@ -123,11 +123,17 @@ class PollerPool:
         now = time.monotonic()
         if ending:
             entry.unconfirmed = True
-            at = self._confirm_at(entry, now)
+            # Never sooner than a back-off the task is in (not found yet, failing polls):
+            # claims, forged or not, must not use up what those rounds allow.
+            at = max(self._confirm_at(entry, now), entry.not_before)
             if not (entry.pinned and entry.due <= at):  # one is due (or on its way)
                 self._confirm(entry, at)
-        elif not entry.pinned and entry.due < now + self.policy.safety_interval * 0.5:
-            self._schedule(entry, now + self._safety_gap())
+        elif not entry.pinned:
+            # The net counts from the last look, so callbacks that keep coming can never put
+            # the next poll off for ever.
+            net = max(now, entry.started_at + entry.poll_age + self._safety_gap())
+            if entry.due < net:
+                self._schedule(entry, net)
 
     def _confirm_at(self, entry: Entry, now: float) -> float:
         """Now, or ``min_interval`` after the last confirming poll (never later than that)."""
@@ -158,7 +164,9 @@ class PollerPool:
         self._schedule(entry, now + gap)
 
     def _safety_gap(self) -> float:
-        return self.policy.jittered(self.policy.safety_interval, self._rng)
+        # Jittered down only: the net sees every end within ``safety_interval``.
+        jitter = self.policy.jitter
+        return self.policy.safety_interval * self._rng.uniform(1 - jitter, 1)
 
     def _schedule(self, entry: Entry, due: float, *, pinned: bool = False) -> None:
         entry.poll_token += 1
@@ -260,7 +268,8 @@ class PollerPool:
                 self._tracker.fail(job, error)
             else:
                 gap = self.policy.min_interval * 2**entry.not_found
-                self._schedule(entry, time.monotonic() + gap)
+                entry.not_before = time.monotonic() + gap
+                self._schedule(entry, entry.not_before)
         elif isinstance(
             error, AuthenticationError | AccountError | InvalidRequestError | UnreachableError
         ):
@@ -283,7 +292,8 @@ class PollerPool:
                 return
             log.warning("poll of task %s failed (%s); trying again later", job.task_id, error)
             gap = min(self.policy.max_interval, self.policy.min_interval * 2**entry.failures)
-            self._schedule(entry, time.monotonic() + gap)
+            entry.not_before = time.monotonic() + gap
+            self._schedule(entry, entry.not_before)
 
     async def _sweep(self, trigger: Entry) -> None:
         """Look at every followed task through the list endpoint (500 tasks a page).

@@ -88,6 +88,10 @@ class Entry:
     confirmed_at: float = -1e18
     #: A callback claimed an end that no poll started since has looked at.
     unconfirmed: bool = False
+    #: Its task was created here with the client's callback URL (callbacks may come for it).
+    pushed: bool = False
+    #: No poll before this (a back-off: not found yet, failing polls).
+    not_before: float = 0.0
     #: The age at which a callback first claimed the task's end since the last poll that
     #: showed it running: once a poll confirms the end, a better measurement of its duration
     #: than the midpoint since that poll (under push delivery, the create).
@@ -317,6 +321,12 @@ class Tracker:
         self.by_task[task.task_id] = job
         entry.started_at = sent_at
         entry.measured = True
+        request = job.request
+        entry.pushed = (
+            self.callback_url is not None
+            and request is not None
+            and request.callback_url in (None, self.callback_url)
+        )
         self._snapshot(job, task, time.monotonic())
         if not job.done:
             self._follow(job)
@@ -365,14 +375,7 @@ class Tracker:
         window = 2 * self.pollers.policy.safety_interval if self.pollers is not None else 0.0
         if entry.hinted_at is not None and now - entry.hinted_at < window:
             return True
-        request = entry.job.request
-        return (
-            self.callback_url is not None
-            and self.last_hint is not None
-            and now - self.last_hint < window
-            and request is not None
-            and request.callback_url in (None, self.callback_url)
-        )
+        return entry.pushed and self.last_hint is not None and now - self.last_hint < window
 
     def fail(self, job: Job, error: BaseException) -> None:
         """The job ends with ``error`` (its task, if any, kept on ``.task``). A mirror ends

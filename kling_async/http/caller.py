@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from kling_async._errors import (
@@ -59,6 +59,7 @@ class Api:
         on_rate_limited: Callable[[float | None], None] | None = None,
         rng: random.Random | None = None,
         health: Health | None = None,
+        secrets: Iterable[str] = (),
     ) -> None:
         self.transport = transport
         self.auth = auth
@@ -69,7 +70,9 @@ class Api:
         self._on_rate_limited = on_rate_limited
         self.rng = rng or random.Random()
         #: Cleans text that came from outside of this client's secrets (see ``Redactor``).
-        self.redact = Redactor(auth.secrets)
+        #: ``secrets`` are the client's other secrets (its callback URL carries a token).
+        extra = tuple(secrets)
+        self.redact = Redactor(lambda: (*auth.secrets(), *extra))
 
     async def send_once(
         self,

@@ -252,7 +252,29 @@ def _freeze_extra(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
             raise ValidationError(
                 f"extra.{key}", item, "must be a JSON value (str, number, bool, None, list, dict)"
             ) from None
+        if _depth(item) > _MAX_EXTRA_DEPTH:
+            # Copied and converted by recursive code further on (the converter, job stores).
+            raise ValidationError(
+                f"extra.{key}", item, f"must nest at most {_MAX_EXTRA_DEPTH} lists or objects deep"
+            )
     return dict(value)
+
+
+_MAX_EXTRA_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in a JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, Mapping | list | tuple):
+            deepest = max(deepest, level)
+            if level > _MAX_EXTRA_DEPTH:
+                return level
+            children = item.values() if isinstance(item, Mapping) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _redacted(url: str | None) -> str:
