@@ -248,7 +248,9 @@ async def test_updates_and_events_report_every_change_once_in_order(emu: Emulato
     assert [e.job for e in slow_seen] == [e.job for e in events]
     for job in jobs:
         statuses = per_job[id(job)]
-        assert statuses == order  # queued first: a progress display invents nothing
+        # Queued first (a progress display invents nothing), each once, in order; a loaded
+        # machine's polls may miss the short processing phase, never any other.
+        assert statuses in (order, [s for s in order if s != "processing"]), statuses
         mine = [e.status.value for e in events if e.job is job]
         assert mine == statuses
     terminal = [e for e in events if e.status.is_terminal]
