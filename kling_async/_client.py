@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack
@@ -84,6 +85,16 @@ def _job_store(store: object) -> tuple[JobStore | None, bool]:
     if not isinstance(store, JobStore):
         raise ValidationError("store", store, "must be a file path or a JobStore")
     return store, False
+
+
+def _callback_secrets(callback_url: str | None) -> tuple[str, ...]:
+    """The callback URL, and its last path segment where that looks like a token (22 or more
+    of ``A-Za-z0-9_-``): a plain word such as ``callback`` is no secret to hide."""
+    if callback_url is None:
+        return ()
+    last = callback_url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    token = re.fullmatch(r"[A-Za-z0-9_-]{22,}", last) is not None
+    return (callback_url, last) if token else (callback_url,)
 
 
 def _check_count(name: str, value: object, *, optional: bool = False) -> None:
@@ -253,7 +264,7 @@ class KlingClient:
             on_rate_limited=self._rate_limited,
             health=self._health,
             # A server may quote a create's body back: the callback URL's token is a secret.
-            secrets=() if callback_url is None else (callback_url, callback_url.rsplit("/", 1)[-1]),
+            secrets=_callback_secrets(callback_url),
         )
         lookup = external_id_lookup
         self.text2video = Text2VideoResource(

@@ -26,6 +26,7 @@ Needs the ``[fastapi]`` extra (FastAPI with its own ``EventSourceResponse``). Se
 ``docs/fastapi.md``.
 """
 
+import copy
 import hmac
 import inspect
 import json
@@ -321,7 +322,12 @@ class _TokenFilter(logging.Filter):
             record.args = tuple(self._mask(arg) for arg in args)
         elif isinstance(args, Mapping) and any(self._has(arg) for arg in args.values()):
             # hypercorn and gunicorn log one mapping of fields per request.
-            record.args = {key: self._mask(arg) for key, arg in args.items()}
+            # A copy of the server's own mapping: its class answers missing fields and
+            # header lookups its own way.
+            masked = copy.copy(args)
+            for key, arg in args.items():
+                masked[key] = self._mask(arg)  # type: ignore[index]
+            record.args = masked
         if isinstance(record.msg, str) and self._token in record.msg:
             record.msg = record.msg.replace(self._token, "***")
         return True
@@ -543,7 +549,7 @@ def _links(request: Request, job: ka.Job) -> dict[str, str]:
     # and an ASCII header), not handed to url_for, which refuses a "/" in it.
     quoted = "/" + urllib.parse.quote(job.id, safe="")
     return {
-        name: request.url_for(route, job_id=_SLOT).path.replace("/" + _SLOT, quoted, 1)
+        name: _put_id(request.url_for(route, job_id=_SLOT).path, quoted)
         for name, route in (
             ("self", "kling_async_job"),
             ("events", "kling_async_job_events"),
@@ -553,6 +559,14 @@ def _links(request: Request, job: ka.Job) -> dict[str, str]:
 
 
 _SLOT = "kling-async-job-id"
+
+
+def _put_id(path: str, quoted: str) -> str:
+    # The last one: a prefix may contain the placeholder's text too.
+    head, _, tail = path.rpartition("/" + _SLOT)
+    return head + quoted + tail
+
+
 #: Ids a job submitted through the router may have: they travel in its URLs as they are.
 _JOB_ID_RULE = re.compile(r"[A-Za-z0-9_.~-]{1,128}")
 
