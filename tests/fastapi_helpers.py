@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, TypeVar
 import aiohttp
 import anyio
 import uvicorn
+from aiohttp import web
 from fastapi import FastAPI
 
 import kling_async as ka
@@ -352,3 +353,27 @@ def wire_task(
     if video_url is not None:
         body["task_result"] = {"videos": [{"id": "v-1", "url": video_url, "duration": "5"}]}
     return body
+
+
+# --- a Kling that refuses ---------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def refusing_kling(message: Callable[[Mapping[str, Any]], str]) -> AsyncIterator[str]:
+    """A Kling on 127.0.0.1 that refuses every create with a 1201 whose message is
+    ``message(body)`` (a server quoting what it got, or not); yields its base URL."""
+
+    async def create(request: web.Request) -> web.Response:
+        text = message(await request.json())
+        return web.json_response({"code": 1201, "message": text, "request_id": "req-1"}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/v1/videos/text2video", create)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

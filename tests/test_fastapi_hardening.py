@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ import aiohttp
 import anyio
 import attrs
 import pytest
-from aiohttp import web
 from fastapi import FastAPI
 
 import kling_async as ka
@@ -42,6 +41,7 @@ from .fastapi_helpers import (
     job_view,
     kling_app,
     recorded,
+    refusing_kling,
     sse_items,
     wait_for_status,
     wire_task,
@@ -173,33 +173,17 @@ async def test_the_token_is_masked_in_hypercorns_access_log() -> None:
             assert TOKEN not in line, line
 
 
-@asynccontextmanager
-async def echoing_kling() -> AsyncIterator[str]:
-    """A Kling that refuses every create with a 1201 quoting the ``callback_url`` it got (Kling's
-    1201 messages name the parameter at fault, and servers quote values)."""
-
-    async def create(request: web.Request) -> web.Response:
-        body = await request.json()
-        message = f"invalid parameter callback_url: {body.get('callback_url')}"
-        return web.json_response(
-            {"code": 1201, "message": message, "request_id": "req-1"}, status=400
-        )
-
-    app = web.Application()
-    app.router.add_post("/v1/videos/text2video", create)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+def _quoting_callback_url(body: Mapping[str, Any]) -> str:
+    """Kling's 1201 messages name the parameter at fault, and servers quote values."""
+    return f"invalid parameter callback_url: {body.get('callback_url')}"
 
 
 async def test_a_server_quoting_the_callback_url_does_not_leak_the_token(tmp_path: Path) -> None:
     store = tmp_path / "jobs.sqlite3"
-    async with echoing_kling() as fake, Emulator(time_scale=SCALE, seed=105) as emu:
+    async with (
+        refusing_kling(_quoting_callback_url) as fake,
+        Emulator(time_scale=SCALE, seed=105) as emu,
+    ):
         with recorded("kling_async", level=logging.DEBUG) as records:
             async with (
                 kling_app(emu, base_url=fake, callback_token=TOKEN, store=store) as (base, _),

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 import anyio
 import attrs
 import pytest
-from aiohttp import web
 from fastapi import FastAPI
 
 import kling_async as ka
@@ -25,7 +22,7 @@ import kling_async.fastapi as kf
 from kling_async.testing import Emulator
 
 from .conftest import SCALE
-from .fastapi_helpers import DONE, client_options, kling_app, recorded, serving
+from .fastapi_helpers import DONE, client_options, kling_app, recorded, refusing_kling, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -35,31 +32,10 @@ TOKEN = "recheck_" + "k" * 30
 # --- the redactor: the callback URL's last segment ---------------------------------------------
 
 
-@asynccontextmanager
-async def refusing_kling(message: str) -> AsyncIterator[str]:
-    """A Kling that refuses every create with a 1201 and ``message`` (quoting nothing)."""
-
-    async def create(_request: web.Request) -> web.Response:
-        return web.json_response(
-            {"code": 1201, "message": message, "request_id": "req-1"}, status=400
-        )
-
-    app = web.Application()
-    app.router.add_post("/v1/videos/text2video", create)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
 async def test_a_callback_url_ending_in_a_word_does_not_mangle_server_messages() -> None:
     message = "invalid parameter callback_url: must be reachable"
     async with (
-        refusing_kling(message) as fake,
+        refusing_kling(lambda _body: message) as fake,
         ka.KlingClient(
             api_key="k" * 32,
             base_url=fake,
