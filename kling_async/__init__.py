@@ -43,6 +43,12 @@ from kling_async._errors import (
     WaitTimeoutError,
 )
 from kling_async._version import __version__
+from kling_async.engine.account import (
+    Account,
+    AccountBinding,
+    AccountMember,
+    AccountSettings,
+)
 from kling_async.engine.durations import DurationStats, LearnedDurations
 from kling_async.engine.jobs import Job, JobEvent, JobStatus
 from kling_async.engine.limits import (
@@ -104,6 +110,11 @@ __all__ = [
     "RequestBudget",
     "DurationStats",
     "LearnedDurations",
+    # one account shared by several clients (kling_async.redis.RedisAccount)
+    "Account",
+    "AccountBinding",
+    "AccountMember",
+    "AccountSettings",
     # jobs: where a client keeps them
     "JobRecord",
     "JobStore",

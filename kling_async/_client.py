@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +17,11 @@ import anyio.abc
 import attrs
 
 from kling_async._errors import UsageError, ValidationError
+from kling_async.engine.account import (
+    Account,
+    AccountBinding,
+    AccountSettings,
+)
 from kling_async.engine.durations import DurationStats, LearnedDurations
 from kling_async.engine.jobs import EventHub, Job, JobEvent, JobStatus, as_completed
 from kling_async.engine.limits import AdaptiveLimit, RequestBudget, RequestLimiter, SlotLimiter
@@ -97,6 +103,59 @@ def _callback_secrets(callback_url: str | None) -> tuple[str, ...]:
     return (callback_url, last) if token else (callback_url,)
 
 
+def _fingerprint(base_url: str, credential: str) -> str:
+    """Names an account without holding its key: 16 hex digits of a SHA-256 of the base URL
+    and the key's first part (the API key, or the access key), never the key itself."""
+    digest = hashlib.sha256(f"{base_url}\0{credential}".encode()).hexdigest()
+    return digest[:16]
+
+
+class _Member:
+    """The client as its shared account's binding sees it (:class:`AccountMember`)."""
+
+    def __init__(self, client: KlingClient) -> None:
+        self._client = client
+
+    def replicate(self, records: Sequence[JobRecord]) -> None:
+        for record in records:
+            self._client._tracker.replicate(record)
+
+    def adopt(self, records: Sequence[JobRecord]) -> None:
+        client = self._client
+        for record in records:
+            job = client._tracker.adopt(record)
+            if job.done or client._tracker.following.get(job.task_id or "") is job:
+                continue
+            if job.task_id is not None:
+                client._tracker.track(job.task_id, job=job)
+            elif job.request is not None:
+                client._submitter.enqueue(job, resume=client._tracker.entry(job).sent)
+
+    def disown(self, job_ids: Iterable[str]) -> None:
+        tracker = self._client._tracker
+        for job_id in job_ids:
+            job = tracker.jobs.get(job_id)
+            if job is not None:
+                tracker.disown(job)
+
+    def hint(self, task: Task) -> None:
+        tracker = self._client._tracker
+        job = tracker.by_task.get(task.task_id)
+        if job is not None and not tracker.entry(job).replica:
+            tracker.observe(task, confirmed=False)
+
+    def stop(self, error: BaseException) -> None:
+        self._client._submitter.stop(error, told=True)
+
+    def owned(self) -> list[JobRecord]:
+        tracker = self._client._tracker
+        return [
+            tracker.record(job)
+            for job in tracker.jobs.values()
+            if not tracker.entry(job).replica
+        ]
+
+
 def _check_count(name: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -150,6 +209,12 @@ class KlingClient:
     :class:`RequestLimiter`; default a token bucket at ``max_requests_per_second``) and
     ``duration_stats`` (what each class of task has taken, :class:`DurationStats`). A
     shared implementation lets several clients of one account behave as one.
+
+    ``account`` holds all of them, and the jobs, for several clients sharing one account
+    (:class:`Account`; ``kling_async.redis.RedisAccount`` keeps them in Redis): the slots,
+    the request budget, the learned durations, the jobs and their events are the account's,
+    so every client sees every job, a callback may land on any of them, and the jobs of a
+    client that dies are taken over by another. It replaces the four arguments above.
     """
 
     def __init__(
@@ -180,9 +245,10 @@ class KlingClient:
         slot_limiter: SlotLimiter | None = None,
         request_limiter: RequestLimiter | None = None,
         duration_stats: DurationStats | None = None,
+        account: Account | None = None,
     ) -> None:
         # The one rule for credentials, base URL and profile (and their environment).
-        account = resolve_account(
+        resolved = resolve_account(
             api_key=api_key,
             access_key=access_key,
             secret_key=secret_key,
@@ -190,9 +256,9 @@ class KlingClient:
             profile=profile,
             environ=os.environ,
         )
-        self._auth = account.auth
-        self.profile = account.profile
-        self.base_url = account.base_url
+        self._auth = resolved.auth
+        self.profile = resolved.profile
+        self.base_url = resolved.base_url
         if external_id_lookup == "profile":
             external_id_lookup = self.profile.external_id_lookup
         if external_id_lookup is not None and external_id_lookup not in _LOOKUP_FORMS:
@@ -254,6 +320,38 @@ class KlingClient:
             )
         if duration_stats is not None and not isinstance(duration_stats, DurationStats):
             raise ValidationError("duration_stats", duration_stats, "must implement DurationStats")
+        self._binding: AccountBinding | None = None
+        if account is not None:
+            if not isinstance(account, Account):
+                raise ValidationError("account", account, "must implement Account")
+            given = [
+                name
+                for name, value in (
+                    ("slot_limiter", slot_limiter),
+                    ("request_limiter", request_limiter),
+                    ("duration_stats", duration_stats),
+                    ("store", store),
+                )
+                if value is not None
+            ]
+            if given:
+                raise UsageError(
+                    f"account= holds the slots, request rate, durations and jobs itself; "
+                    f"drop {', '.join(given)}"
+                )
+            self._binding = account.bind(
+                AccountSettings(
+                    fingerprint=_fingerprint(self.base_url, self._auth.secrets()[0]),
+                    max_active_tasks=max_active_tasks,
+                    max_requests_per_second=max_requests_per_second,
+                    poll=self.poll,
+                    retry=self.retry,
+                )
+            )
+            slot_limiter = self._binding.slots
+            request_limiter = self._binding.requests
+            duration_stats = self._binding.durations
+            store = self._binding.store
         self._requests: RequestLimiter = request_limiter or RequestBudget(max_requests_per_second)
         self._health = Health(self._transport.host, unreachable_after=unreachable_after)
         self._api = Api(
@@ -289,6 +387,8 @@ class KlingClient:
         self._tracker.callback_url = callback_url
         if self._store is not None:
             self._tracker.store = StoreWriter(self._store, self._tracker.record)
+        if self._binding is not None:
+            self._tracker.forward = self._binding.forward
         self._submitter = Submitter(
             self.text2video,
             self._tracker,
@@ -297,6 +397,8 @@ class KlingClient:
             settle_window=settle_window,
             health=self._health,
         )
+        if self._binding is not None:
+            self._submitter.on_stop = self._binding.stopped
         self._pool = PollerPool(
             self.text2video,
             self.poll,
@@ -315,6 +417,8 @@ class KlingClient:
             raise UsageError("a KlingClient can be entered once; make a new one")
         self._entered = True
         async with AsyncExitStack() as stack:
+            if self._binding is not None:
+                await stack.enter_async_context(self._binding)
             if self._owns_store:
                 assert isinstance(self._store, SQLiteJobStore)
                 await stack.enter_async_context(self._store)
@@ -336,6 +440,14 @@ class KlingClient:
                 self._task_group.start_soon(writer.run, name="kling-job-store")
                 self._resume(records)
             self._stack = stack.pop_all()
+            if self._binding is not None:
+                try:
+                    await self._task_group.start(
+                        self._binding.serve, _Member(self), name="kling-account"
+                    )
+                except BaseException:
+                    await self.__aexit__(None, None, None)
+                    raise
         return self
 
     async def __aexit__(

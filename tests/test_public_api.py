@@ -19,7 +19,11 @@ import kling_async.testing
 
 TOP_LEVEL = [
     "APIError",
+    "Account",
+    "AccountBinding",
     "AccountError",
+    "AccountMember",
+    "AccountSettings",
     "AdaptiveLimit",
     "AddressRefused",
     "AmbiguousSubmissionError",

@@ -36,12 +36,10 @@ from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
 import anyio.to_thread
-import attrs
 
 from kling_async._errors import JobStoreError, UsageError
-from kling_async.engine.jobs import JobStatus
-from kling_async.engine.store import JobRecord
-from kling_async.protocol.models import Task, Text2VideoRequest
+from kling_async.engine.store import JobRecord, stored_request, stored_status
+from kling_async.protocol.models import Task
 
 __all__ = ["SCHEMA_VERSION", "SQLiteJobStore"]
 
@@ -97,28 +95,6 @@ def _dumps(value: dict[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _status(value: str) -> JobStatus:
-    """A status this version does not know (written by a later one) reads as ``UNKNOWN``:
-    not ended, so the job is followed again rather than taken as finished."""
-    try:
-        return JobStatus(value)
-    except ValueError:
-        return JobStatus.UNKNOWN
-
-
-_REQUEST_FIELDS: Final = frozenset(field.name for field in attrs.fields(Text2VideoRequest))
-
-
-def _request(data: dict[str, Any]) -> Text2VideoRequest:
-    """A stored request; a field a later version added (and this one does not know) is kept
-    in ``extra``, which sends it to the server under its own name as that version would,
-    rather than refused (``from_dict`` refuses unknown keys) or dropped from a resubmission."""
-    unknown = {key: data.pop(key) for key in list(data) if key not in _REQUEST_FIELDS}
-    if unknown:
-        data["extra"] = {**unknown, **(data.get("extra") or {})}
-    return Text2VideoRequest.from_dict(data)
-
-
 def _encode(record: JobRecord) -> tuple[Any, ...]:
     return (
         record.id,
@@ -152,9 +128,9 @@ def _decode(path: Path, row: Sequence[Any]) -> JobRecord:
     try:
         return JobRecord(
             id=id_,
-            request=None if request is None else _request(json.loads(request)),
+            request=None if request is None else stored_request(json.loads(request)),
             task_id=task_id,
-            status=_status(status),
+            status=stored_status(status),
             task=None if task is None else Task.from_dict(json.loads(task)),
             sent=bool(sent),
             possible_duplicate=bool(possible_duplicate),

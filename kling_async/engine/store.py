@@ -16,8 +16,8 @@ waits for, since a record of "about to send" is what makes a resumed create safe
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, Protocol, runtime_checkable
 
 import anyio
 import attrs
@@ -58,6 +58,65 @@ class JobRecord:
     @property
     def finished(self) -> bool:
         return self.status.is_terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, through the request's and the task's own ``to_dict()`` (the one
+        converter), for stores that keep records as JSON."""
+        return {
+            "id": self.id,
+            "request": None if self.request is None else self.request.to_dict(),
+            "task_id": self.task_id,
+            "status": self.status.value,
+            "task": None if self.task is None else self.task.to_dict(),
+            "sent": self.sent,
+            "possible_duplicate": self.possible_duplicate,
+            "error": self.error,
+            "error_type": self.error_type,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobRecord:
+        """The record :meth:`to_dict` made, also when a later version wrote it: an unknown
+        status reads as ``UNKNOWN`` (followed again, not taken as ended) and an unknown
+        request field is kept in ``extra`` (sent as that version would send it)."""
+        request, task = data.get("request"), data.get("task")
+        return cls(
+            id=str(data["id"]),
+            request=None if request is None else stored_request(dict(request)),
+            task_id=data.get("task_id"),
+            status=stored_status(str(data.get("status", JobStatus.QUEUED.value))),
+            task=None if task is None else Task.from_dict(task),
+            sent=bool(data.get("sent", False)),
+            possible_duplicate=bool(data.get("possible_duplicate", False)),
+            error=data.get("error"),
+            error_type=data.get("error_type"),
+            created_at=float(data.get("created_at") or 0.0),
+            updated_at=float(data.get("updated_at") or 0.0),
+        )
+
+
+def stored_status(value: str) -> JobStatus:
+    """A status this version does not know (written by a later one) reads as ``UNKNOWN``:
+    not ended, so the job is followed again rather than taken as finished."""
+    try:
+        return JobStatus(value)
+    except ValueError:
+        return JobStatus.UNKNOWN
+
+
+_REQUEST_FIELDS: Final = frozenset(field.name for field in attrs.fields(Text2VideoRequest))
+
+
+def stored_request(data: dict[str, Any]) -> Text2VideoRequest:
+    """A stored request; a field a later version added (and this one does not know) is kept
+    in ``extra``, which sends it to the server under its own name as that version would,
+    rather than refused (``from_dict`` refuses unknown keys) or dropped from a resubmission."""
+    unknown = {key: data.pop(key) for key in list(data) if key not in _REQUEST_FIELDS}
+    if unknown:
+        data["extra"] = {**unknown, **(data.get("extra") or {})}
+    return Text2VideoRequest.from_dict(data)
 
 
 @runtime_checkable

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
@@ -20,6 +21,7 @@ from kling_async._errors import (
     AmbiguousSubmissionError,
     AuthenticationError,
     ConcurrencyLimitError,
+    JobStoreError,
     KlingError,
     RateLimitError,
     TransportError,
@@ -27,7 +29,7 @@ from kling_async._errors import (
 )
 from kling_async.engine.jobs import Job
 from kling_async.engine.limits import RequestLimiter
-from kling_async.engine.tracker import Tracker
+from kling_async.engine.tracker import Disowned, Tracker
 from kling_async.http.create import CreateSettings, CreateState, LandedUnseen
 from kling_async.http.health import Health
 from kling_async.http.resources import TaskResource
@@ -96,6 +98,8 @@ class Submitter:
         self._queue: deque[Job] = deque()
         self._work = anyio.Event()
         self.fatal: BaseException | None = None
+        #: Told of an account-fatal stop met here (a shared account passes it on).
+        self.on_stop: Callable[[BaseException], None] | None = None
         self.stats = SubmitStats()
         self._pending: dict[Job, _Pending] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -122,11 +126,14 @@ class Submitter:
                 self._work = anyio.Event()
         return self._queue.popleft()
 
-    def _stop(self, error: BaseException) -> None:
-        """Account-fatal: no more creates; queued jobs fail with the reason."""
+    def stop(self, error: BaseException, *, told: bool = False) -> None:
+        """Account-fatal: no more creates; queued jobs fail with the reason. ``told``: another
+        client of a shared account met it (so it is not passed on again)."""
         if self.fatal is None:
             self.fatal = error
             log.error("submission stopped for the account: %s", error)
+            if not told and self.on_stop is not None:
+                self.on_stop(error)
         while self._queue:
             self._reject(self._queue.popleft(), error)
 
@@ -146,12 +153,14 @@ class Submitter:
     async def _work_loop(self) -> None:
         while True:
             job = await self._next_job()
-            if job.done:
-                continue  # ended while queued (a fatal stop)
+            if job.done or self._tracker.entry(job).replica:
+                continue  # ended while queued (a fatal stop), or another client's now
             if (fatal := self.fatal) is not None:
                 self._reject(job, fatal)
                 continue
             await self._tracker.take_slot(job)
+            if self._tracker.entry(job).replica:
+                continue  # another client of the shared account owns it (and its lease)
             if (fatal := self.fatal) is not None:  # stopped while this job waited for a slot
                 self._tracker.answered(job, "failed")
                 self._reject(job, fatal)
@@ -173,6 +182,17 @@ class Submitter:
             tracker.answered(job, "landed")
             assert self._task_group is not None
             self._task_group.start_soon(self._find, job, state, sent_at, name="kling-finder")
+        except Disowned:
+            # Another client of the shared account owns it (and its lease): nothing was sent.
+            tracker.answered(job, "failed")
+            self._pending.pop(job, None)
+        except JobStoreError as exc:
+            # The mark before the create could not be written, so nothing was sent: the job
+            # waits (the store may be back soon: a shared one restarting) instead of ending.
+            tracker.answered(job, "failed")
+            pending.unreachable_rounds += 1
+            log.error("job %s waits: %s", job.id, exc)  # noqa: TRY400 (one line a round)
+            await self._requeue_later(job, self._retry.delay(pending.unreachable_rounds))
         except ConcurrencyLimitError:
             # No task was created; the state (ambiguous or not) is kept as it is.
             tracker.answered(job, "refused")
@@ -196,7 +216,7 @@ class Submitter:
         except (AccountError, AuthenticationError) as exc:
             tracker.answered(job, "failed")
             self._reject(job, exc)
-            self._stop(exc)
+            self.stop(exc)
         except TransportError as exc:
             tracker.answered(job, "failed")
             unreachable = exc if isinstance(exc, UnreachableError) else self._health.unreachable()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -40,7 +41,7 @@ from kling_async.protocol.schedule import ClassKey
 if TYPE_CHECKING:
     from kling_async.engine.pollers import PollerPool
 
-__all__ = ["Entry", "Tracker"]
+__all__ = ["Disowned", "Entry", "Tracker"]
 
 log = logging.getLogger("kling_async")
 
@@ -57,6 +58,10 @@ _RANK = {
     JobStatus.FAILED: 5,
     JobStatus.ERROR: 5,
 }
+
+
+class Disowned(Exception):
+    """The job belongs to another client of the shared account: nothing of it is sent here."""
 
 
 @attrs.define(eq=False)
@@ -100,6 +105,9 @@ class Entry:
     not_found: int = 0
     failures: int = 0
     failing_since: float | None = None
+    #: Another client of a shared account owns the job: this one keeps its state as it is
+    #: told (``replicate``), never polls it, never writes it, never ends it.
+    replica: bool = False
 
 
 class Tracker:
@@ -131,6 +139,8 @@ class Tracker:
         #: task: while hints come, a task created with that URL is polled only as a safety net.
         self.callback_url: str | None = None
         self.last_hint: float | None = None
+        #: Where a hint for a replica goes (its owner, through the shared account).
+        self.forward: Callable[[Task], None] | None = None
 
     # --- finding jobs ----------------------------------------------------------------------
 
@@ -269,11 +279,80 @@ class Tracker:
         self._register(job, Entry(job, key, sent=record.sent))
         return job
 
+    # --- a shared account: other clients' jobs ---------------------------------------------
+
+    def replicate(self, record: JobRecord) -> Job | None:
+        """Another client's job as it is now: registered as a replica, or moved forward
+        (its events announced here too, so ``events()`` and the FastAPI router on this
+        client see every job of the account). A job this client owns is left alone."""
+        job = self.jobs.get(record.id)
+        if job is None:
+            job = Job(
+                self._hub,
+                record.id,
+                request=record.request,
+                task_id=record.task_id,
+                external_task_id=record.id if record.request is not None else None,
+                announce=False,
+            )
+            key = _class_of(record.request) if record.request is not None else ("", "", "")
+            self._register(job, Entry(job, key, sent=record.sent, replica=True))
+            job._made = record.created_at or job._made
+        elif not self.entry(job).replica:
+            return None
+        entry = self.entry(job)
+        entry.sent = record.sent
+        if record.task_id is not None and job.task_id != record.task_id:
+            job.task_id = record.task_id
+            self.by_task[record.task_id] = job
+        job.possible_duplicate = record.possible_duplicate
+        status = record.status
+        if job.done or (_RANK[status] < _RANK[job.status] and job._last is not None):
+            return job  # older than what we know
+        if record.finished and record.error is not None:
+            job.error = RestoredError(record.error_type, record.error)
+        fresher = record.task is not None and record.task != job.task
+        if record.task is not None:
+            job.task = record.task
+        if job._last is None or status is not job.status:
+            job._change(status, record.task or job.task, at=record.updated_at or None)
+        elif fresher:
+            job._updated = record.updated_at or job._updated
+        return job
+
+    def adopt(self, record: JobRecord) -> Job:
+        """A job this client owns from now on (its owner died): a replica of it becomes
+        this client's own, as the record says; the caller follows or submits it again."""
+        job = self.jobs.get(record.id)
+        if job is None or not self.entry(job).replica:
+            return job if job is not None else self.restore(record)
+        self.replicate(record)
+        entry = self.entry(job)
+        entry.replica = False
+        entry.sent = record.sent
+        if not job.done and job.task_id is None:
+            job._status = JobStatus.QUEUED
+        return job
+
+    def disown(self, job: Job) -> None:
+        """Another client owns this job now: stop following it, without giving back its
+        slot (the new owner holds the job's lease), and keep it as a replica."""
+        entry = self.entry(job)
+        if entry.replica:
+            return
+        entry.replica = True
+        entry.holds_slot = False
+        entry.poll_token += 1  # its scheduled poll is void
+        if job.task_id is not None and self.following.get(job.task_id) is job:
+            del self.following[job.task_id]
+
     # --- the submitter's reports -----------------------------------------------------------
 
     async def take_slot(self, job: Job) -> None:
         await self.slots.acquire(job.id)
-        self.entry(job).holds_slot = True
+        entry = self.entry(job)
+        if not entry.replica:  # a shared account may say another client owns it meanwhile
+            entry.holds_slot = True
 
     async def submitting(self, job: Job) -> None:
         """The job's create is about to go out: the job store records that first (the one
@@ -284,6 +363,9 @@ class Tracker:
         if not entry.marked:
             if self.store is not None:
                 await self.store.durable(job)
+            if entry.replica:
+                # A shared store said another client owns the job: it is that one's to send.
+                raise Disowned(job.id)
             entry.marked = True
 
     def answered(self, job: Job, outcome: CreateOutcome) -> None:
@@ -354,6 +436,10 @@ class Tracker:
         come, so they keep a safety-net poll. Returns the job it concerns, or None if no
         followed job has that task."""
         job = self.by_task.get(task.task_id)
+        if job is not None and not job.done and self.entry(job).replica:
+            if self.forward is not None:
+                self.forward(task)  # its owner confirms it, with its own schedule
+            return job
         if job is None or job.done or self.following.get(task.task_id) is not job:
             return None
         if confirmed:
@@ -380,7 +466,7 @@ class Tracker:
     def fail(self, job: Job, error: BaseException) -> None:
         """The job ends with ``error`` (its task, if any, kept on ``.task``). A mirror ends
         only with the job it mirrors (a late failure of its own old poll changes nothing)."""
-        if job.done or job in self._mirrored:
+        if job.done or job in self._mirrored or self.entry(job).replica:
             return
         job.error = error
         self._end(job, JobStatus.ERROR, job.task)
@@ -441,7 +527,7 @@ class Tracker:
         return self._mirrors.get(job.task_id, [])
 
     def _touch(self, job: Job) -> None:
-        if self.store is not None:
+        if self.store is not None and not self.entry(job).replica:
             self.store.touch(job)
 
     def _end(self, job: Job, status: JobStatus, task: Task | None) -> None:
