@@ -150,9 +150,7 @@ class _Member:
     def owned(self) -> list[JobRecord]:
         tracker = self._client._tracker
         return [
-            tracker.record(job)
-            for job in tracker.jobs.values()
-            if not tracker.entry(job).replica
+            tracker.record(job) for job in tracker.jobs.values() if not tracker.entry(job).replica
         ]
 
 
@@ -594,6 +592,23 @@ class KlingClient:
         if not isinstance(job_id, str) or not job_id:
             raise ValidationError("job_id", job_id, "must be a non-empty string")
         return self._tracker.find(job_id)
+
+    async def lookup(self, job_id: str, *, timeout: float = 2.0) -> Job | None:  # noqa: ASYNC109
+        """:meth:`job`, for a client of a shared account (``account=``): a job another
+        client has just made reaches this one a moment later (its first change crosses the
+        account), so an id not known yet is waited for, up to ``timeout`` seconds. Without a
+        shared account it answers at once, as :meth:`job` does."""
+        job = self.job(job_id)
+        if job is not None or self._binding is None or self._stack is None:
+            return job
+        if not isinstance(timeout, int | float) or not 0 <= timeout <= 60:
+            raise ValidationError("timeout", timeout, "must be a number of seconds in 0..60")
+        with anyio.move_on_after(timeout):
+            # A replica is registered by the account's reader: looking 50 times a second for
+            # at most ``timeout`` costs less than waking a waiter on every registration.
+            while (job := self._tracker.find(job_id)) is None:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        return job
 
     def jobs(self, status: JobStatus | Iterable[JobStatus] | None = None) -> list[Job]:
         """Every job of this client, oldest first: running and ended ones, and those loaded

@@ -391,7 +391,9 @@ def lifespan(
     POST the task's changes to the router's callback receiver (:func:`router` must be
     included). ``callback_token`` is the receiver's secret path segment (default: the
     ``KLING_CALLBACK_TOKEN`` environment variable, else a new random one per start; set one
-    that outlives restarts so callbacks of tasks created before a restart still count).
+    that outlives restarts so callbacks of tasks created before a restart still count; with
+    ``account=`` (several workers, ``kling_async.redis.RedisAccount``) one must be given, the
+    same for every worker, since a callback may land on any of them).
     ``download_dir`` makes the app fetch each succeeded job's clip there (with
     ``download_options`` for :meth:`KlingClient.download`), and ``GET /jobs/{id}/video``
     serve it from there. ``app_lifespan`` is the app's own lifespan: it runs inside, with the
@@ -401,6 +403,19 @@ def lifespan(
     state: yield state``.
     """
     public = _check_public_url(public_url)
+    shared = client_options.get("account") is not None
+    if (
+        shared
+        and public is not None
+        and callback_token is None
+        and not os.environ.get("KLING_CALLBACK_TOKEN")
+    ):
+        # A callback may land on any worker: each must know the token the others put in
+        # their tasks' callback URL, and a token is a secret, never kept in the account.
+        raise ka.UsageError(
+            "several workers share one account: give them one callback token "
+            "(KLING_CALLBACK_TOKEN in their environment, or callback_token=)"
+        )
     token = _check_token(callback_token)
     if "callback_url" in client_options and public is not None:
         raise ka.ValidationError(
@@ -577,8 +592,10 @@ def _view(request: Request, job: ka.Job) -> dict[str, Any]:
     return view
 
 
-def _find(kling: ka.KlingClient, job_id: str) -> ka.Job:
-    job = kling.job(job_id) if job_id else None
+async def _find(kling: ka.KlingClient, job_id: str) -> ka.Job:
+    # A job another worker of a shared account has just made may reach this one a moment
+    # after the client that posted it was answered.
+    job = await kling.lookup(job_id) if job_id else None
     if job is None:
         raise HTTPException(404, f"no job with id {job_id!r}")
     return job
@@ -830,7 +847,7 @@ def router(
     @jobs.get("/jobs/{job_id}", name="kling_async_job")
     async def get_job(job_id: str, request: Request, kling: Kling) -> JSONResponse:
         """One job (by its id or its task id)."""
-        return JSONResponse(_view(request, _find(kling, job_id)))
+        return JSONResponse(_view(request, await _find(kling, job_id)))
 
     async def stream_start(
         job_id: str,
@@ -838,7 +855,7 @@ def router(
         last_event_id: Annotated[str | None, Header()] = None,
         after: Annotated[str | None, Query()] = None,
     ) -> tuple[ka.Job, int]:
-        job = _find(integration.client, job_id)
+        job = await _find(integration.client, job_id)
         seen = integration.log.parse(last_event_id or after)
         end = integration.log.end_of(job.id)
         if seen is not None and seen > 0 and job.done and end is not None and seen >= end:
@@ -908,7 +925,7 @@ def router(
     @jobs.get("/jobs/{job_id}/video", name="kling_async_job_video", response_model=None)
     async def video(job_id: str, integration: _It) -> Response:
         """The finished clip: the downloaded file, or a redirect to the result URL."""
-        job = _find(integration.client, job_id)
+        job = await _find(integration.client, job_id)
         if job.status is not ka.JobStatus.SUCCEEDED or job.task is None:
             return _error(409, f"job {job.id!r} has no clip: it is {job.status.value}")
         downloads = integration.downloads

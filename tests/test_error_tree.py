@@ -27,7 +27,7 @@ PUBLIC_EXCEPTIONS = {
 #: The edges (the batch tool, the emulator) have errors of their own; they are not the SDK's.
 EDGES = ("kling_async/cli/", "kling_async/testing/")
 #: Private control-flow signals that never reach a caller (see the _errors docstring).
-PRIVATE_SIGNALS = {"LandedUnseen", "_Expired", "_Retryable"}
+PRIVATE_SIGNALS = {"Disowned", "LandedUnseen", "_Expired", "_Retryable"}
 SECRET = "sk-canary-5e0f2a7c9b1d3864"
 
 

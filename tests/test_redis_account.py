@@ -3,7 +3,7 @@ the multi-process runs are in ``test_redis_workers.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -30,8 +30,7 @@ def account(server: RedisServer, **options: object) -> RedisAccount:
 
 def requests(n: int, prefix: str = "row") -> list[ka.Text2VideoRequest]:
     return [
-        ka.Text2VideoRequest(prompt=f"clip {i}", external_task_id=f"{prefix}-{i}")
-        for i in range(n)
+        ka.Text2VideoRequest(prompt=f"clip {i}", external_task_id=f"{prefix}-{i}") for i in range(n)
     ]
 
 

@@ -4,7 +4,8 @@
 
 With ``KLING_API_KEY`` (or ``KLING_ACCESS_KEY`` and ``KLING_SECRET_KEY``) set, it talks to Kling
 (``KLING_BASE_URL`` picks another host). With none, it starts the SDK's built-in emulator in its
-own lifespan, so everything runs offline. See README.md beside this file.
+own lifespan, so everything runs offline. With ``KLING_REDIS_URL`` its workers share one account
+(``uvicorn ... --workers 3``). See README.md beside this file.
 """
 
 from __future__ import annotations
@@ -34,12 +35,22 @@ PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 # The emulator's clock runs 20 times fast: a clip of about two emulated minutes takes ~6 s.
 TIME_SCALE = 0.05
 EMULATED = not (os.environ.get("KLING_API_KEY") or os.environ.get("KLING_ACCESS_KEY"))
+# Several workers (processes, machines) share one account's slots, jobs and events through Redis.
+REDIS_URL = os.environ.get("KLING_REDIS_URL")
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     async with AsyncExitStack() as stack:
         options: dict[str, Any] = {"public_url": PUBLIC_URL, "download_dir": CLIPS_DIR}
+        if REDIS_URL:
+            from kling_async.redis import RedisAccount  # the [redis] extra
+
+            options["account"] = RedisAccount(REDIS_URL)
+            if scale := os.environ.get("KLING_TIME_SCALE"):  # an emulator run apart, scaled
+                options["poll"] = ka.PollPolicy().scaled(float(scale))
+        if EMULATED and REDIS_URL:
+            raise SystemExit("with KLING_REDIS_URL, run one emulator apart: see README.md")
         if EMULATED:
             emu = await stack.enter_async_context(
                 Emulator(time_scale=TIME_SCALE, median_duration=120)
@@ -68,7 +79,7 @@ async def page() -> FileResponse:
 @app.get("/backend")
 async def backend(kling: kf.Kling) -> dict[str, object]:
     """What the page shows in its header: whom the app's one client talks to."""
-    return {"base_url": kling.base_url, "emulator": EMULATED}
+    return {"base_url": kling.base_url, "emulator": EMULATED, "worker": os.getpid()}
 
 
 if __name__ == "__main__":

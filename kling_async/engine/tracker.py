@@ -436,6 +436,12 @@ class Tracker:
         come, so they keep a safety-net poll. Returns the job it concerns, or None if no
         followed job has that task."""
         job = self.by_task.get(task.task_id)
+        if job is None and self.forward is not None and not confirmed:
+            # Shared account: a callback may come before the change that tells this client
+            # of the task (or for a task of a client that has not said so yet): its owner,
+            # whoever that is, confirms it.
+            self.forward(task)
+            return None
         if job is not None and not job.done and self.entry(job).replica:
             if self.forward is not None:
                 self.forward(task)  # its owner confirms it, with its own schedule
