@@ -4,6 +4,7 @@ the multi-process runs are in ``test_redis_workers.py``)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -166,7 +167,7 @@ async def test_nothing_secret_is_written_to_redis(server: RedisServer) -> None:
             with anyio.fail_after(30):
                 for job in jobs:
                     await job.wait()
-    dump = redis_sync.Redis.from_url(server.url)
+    dump: Any = redis_sync.Redis.from_url(server.url)
     blob = b""
     for name in dump.scan_iter("*"):
         blob += name
