@@ -1,23 +1,25 @@
-"""`python -m benchmarks [polling|scale|hardening|decode|callbacks ...] [--tasks N] ...`.
+"""`python -m benchmarks [polling|scale|hardening|decode|callbacks|workers ...] [--tasks N] ...`.
 
-With no suite named, polling, scale, hardening and decode run; callbacks is opt-in (it serves
-a FastAPI app per contender and takes a few minutes, see ``benchmarks/callbacks.py``).
+With no suite named, polling, scale, hardening and decode run; callbacks and workers are opt-in
+(callbacks serves a FastAPI app per contender, workers runs worker processes sharing one
+account through a redis-server; each takes a few minutes, see ``benchmarks/callbacks.py`` and
+``benchmarks/workers.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import callbacks, decode, hardening, polling, scale
+from . import callbacks, decode, hardening, polling, scale, workers
 
-SUITES = ("polling", "scale", "hardening", "decode", "callbacks")
+SUITES = ("polling", "scale", "hardening", "decode", "callbacks", "workers")
 DEFAULT_SUITES = ("polling", "scale", "hardening", "decode")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument(
-        "suites", nargs="*", help=f"{', '.join(SUITES)} (default: all but callbacks)"
+        "suites", nargs="*", help=f"{', '.join(SUITES)} (default: all but callbacks and workers)"
     )
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--slots", type=int, default=20)
@@ -26,14 +28,15 @@ def main() -> None:
         type=float,
         default=None,
         help=f"default: {polling.DEFAULT_TIME_SCALE} for polling, "
-        f"{callbacks.DEFAULT_TIME_SCALE} for callbacks",
+        f"{callbacks.DEFAULT_TIME_SCALE} for callbacks, {workers.DEFAULT_TIME_SCALE} for workers",
     )
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument(
         "--contender",
         action="append",
         help="run only these contenders: polling's, or callbacks' "
-        f"{', '.join(callbacks.CONTENDERS)} (callbacks runs all of its own if none is named)",
+        f"{', '.join(callbacks.CONTENDERS)}, or workers' {', '.join(workers.CONTENDERS)} "
+        "(callbacks and workers run all of their own if none of theirs is named)",
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument(
@@ -69,6 +72,15 @@ def main() -> None:
         )
         only = [c for c in args.contender or () if c in callbacks.CONTENDERS]
         callbacks.run(workload, only or None)
+    if "workers" in suites:
+        workload = polling.Workload(
+            tasks=args.tasks,
+            slots=args.slots,
+            time_scale=workers.DEFAULT_TIME_SCALE if args.time_scale is None else args.time_scale,
+            seed=args.seed,
+        )
+        only = [c for c in args.contender or () if c in workers.CONTENDERS]
+        workers.run(workload, only or None)
 
 
 if __name__ == "__main__":

@@ -417,6 +417,9 @@ class KlingClient:
         async with AsyncExitStack() as stack:
             if self._binding is not None:
                 await stack.enter_async_context(self._binding)
+                # The slots still held are given back before the binding closes, so their
+                # releases reach the account instead of waiting out their leases.
+                stack.callback(self._tracker.closed)
             if self._owns_store:
                 assert isinstance(self._store, SQLiteJobStore)
                 await stack.enter_async_context(self._store)
