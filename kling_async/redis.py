@@ -55,7 +55,9 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import kling_async as ka
 
@@ -73,7 +75,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: slots, slot_owner, inflight, learn, fatal
+# KEYS: slots, slot_owner, inflight, learn, fatal, owner, workers
 # ARGV: job, me, lease_ms, ceiling (0: unknown)
 _ACQUIRE: Final = (
     _NOW_MS
@@ -84,6 +86,13 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local owner = redis.call('HGET', KEYS[2], ARGV[1])
 if owner and owner ~= ARGV[2] and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return {'taken', owner}
+end
+-- The job's owner decides, not only the slot's: a worker taken for dead that does not know
+-- it yet must not lease a slot for a job another (registered) worker adopted, or the slot
+-- owner it writes makes the adopter give the job up too, and nobody follows it.
+owner = redis.call('HGET', KEYS[6], ARGV[1])
+if owner and owner ~= ARGV[2] and redis.call('ZSCORE', KEYS[7], owner) then
   return {'taken', owner}
 end
 local ceiling = tonumber(ARGV[4])
@@ -183,7 +192,12 @@ if outcome == 'refused' then
     redis.call('HDEL', KEYS[4], 'probe_from')
   end
   local active = redis.call('ZCARD', KEYS[1])
-  limit = math.max(1, math.min(limit, active))
+  -- The tasks known to exist, not the creates still in flight: with several workers many
+  -- creates cross the limit at once while it is unknown, and counting them would leave the
+  -- limit above the account's, one 1303 per create in flight. One set too low is climbed
+  -- back by the probes, a slot per finished task.
+  local existing = active - redis.call('ZCARD', KEYS[3])
+  limit = math.max(1, math.min(limit, existing))
   redis.call('HSET', KEYS[4], 'climbing', 0, 'successes', 0, 'limit', limit)
   if active == 0 then
     local idle = redis.call('HINCRBY', KEYS[4], 'idle_refusals', 1)
@@ -215,20 +229,23 @@ return string.format('%.0f', slot - now)
 """
 
 # KEYS: workers, slots, slot_owner, epoch
-# ARGV: me, dead_after_ms, lease_ms, epoch, registered (0/1), held job ids...
+# ARGV: me, dead_after_ms, lease_ms, epoch, registered (0/1), a fresh epoch, held job ids...
 _HEARTBEAT: Final = (
     _NOW_MS
     + """
 local epoch = redis.call('GET', KEYS[4])
 if not epoch then
-  redis.call('SET', KEYS[4], ARGV[4])
-  return {'lost', ARGV[4]}
+  -- A fresh epoch, not ours: every client took the first one's epoch when it started, so
+  -- writing ours back would hide the loss from the others (they would take themselves
+  -- for evicted, and with the owners lost, give up all their jobs).
+  redis.call('SET', KEYS[4], ARGV[6])
+  return {'lost', ARGV[6]}
 end
 if epoch ~= ARGV[4] then return {'epoch', epoch} end
 if ARGV[5] == '1' and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {'evicted'} end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local lost = {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local job = ARGV[i]
   local owner = redis.call('HGET', KEYS[3], job)
   if owner and owner ~= ARGV[1] then
@@ -251,13 +268,16 @@ for _, worker in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
   if worker ~= ARGV[1] then
     local set = ARGV[2] .. 'owned:' .. worker
     for _, id in ipairs(redis.call('SMEMBERS', set)) do
-      redis.call('HSET', KEYS[2], id, ARGV[1])
-      redis.call('SADD', ARGV[2] .. 'owned:' .. ARGV[1], id)
-      if redis.call('ZSCORE', KEYS[3], id) then
-        redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), id)
-        redis.call('HSET', KEYS[4], id, ARGV[1])
+      local owner = redis.call('HGET', KEYS[2], id)
+      if (not owner) or owner == worker then  -- not one another client took over since
+        redis.call('HSET', KEYS[2], id, ARGV[1])
+        redis.call('SADD', ARGV[2] .. 'owned:' .. ARGV[1], id)
+        if redis.call('ZSCORE', KEYS[3], id) then
+          redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), id)
+          redis.call('HSET', KEYS[4], id, ARGV[1])
+        end
+        table.insert(adopted, id)
       end
-      table.insert(adopted, id)
     end
     redis.call('DEL', set)
     redis.call('ZREM', KEYS[1], worker)
@@ -267,20 +287,32 @@ return adopted
 """
 )
 
-# KEYS: index, owner, owned set of me, changes, then one key per record
+# A job is written by its owner only. An ended job whose owner is gone (it ended with no
+# task: a stop, an unreachable host) is never adopted, so a client that submits its id again
+# takes it over (its job looks the task up first where the record says a create went out).
+# KEYS: index, owner, owned set of me, changes, workers, then one key per record
 # ARGV: me, finished_ttl_s, changes_kept, then (id, json, finished, created_at) per record
-_SAVE: Final = """
+_SAVE: Final = (
+    _NOW_MS
+    + """
 local me = ARGV[1]
+local prefix = KEYS[3]:sub(1, #KEYS[3] - #('owned:' .. me))
 local skipped = {}
 local n = (#ARGV - 3) / 4
 for i = 1, n do
   local at = 3 + (i - 1) * 4
   local id, body, finished, created = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+  local key = KEYS[5 + i]
   local owner = redis.call('HGET', KEYS[2], id)
-  if owner and owner ~= me then
+  local taken = owner and owner ~= me
+  if taken then
+    local alive = tonumber(redis.call('ZSCORE', KEYS[5], owner) or '0')
+    local theirs = prefix .. 'owned:' .. owner  -- their unfinished jobs: adoption's to move
+    if alive <= now and redis.call('SISMEMBER', theirs, id) == 0 then taken = false end
+  end
+  if taken then
     table.insert(skipped, id)
   else
-    local key = KEYS[4 + i]
     redis.call('SET', key, body)
     redis.call('ZADD', KEYS[1], 'NX', created, id)
     redis.call('HSET', KEYS[2], id, me)
@@ -295,6 +327,7 @@ for i = 1, n do
 end
 return skipped
 """
+)
 
 
 def _redacted(url: str) -> str:
@@ -338,9 +371,16 @@ class RedisAccount:
         stop_ttl: float = 600.0,
         changes_kept: int = DEFAULT_CHANGES_KEPT,
     ) -> None:
-        if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if (
+            parts is None
+            or parts.scheme not in ("redis", "rediss", "unix")
+            or not (parts.path if parts.scheme == "unix" else parts.hostname)
+        ):
             raise ka.ValidationError(
-                "url", _redacted(str(url)), "must be a redis://, rediss:// or unix:// URL"
+                "url",
+                _redacted(str(url)),
+                "must be a redis:// or rediss:// URL with a host, or a unix:// URL with a path",
             )
         for field, value in (("name", name), ("namespace", namespace), ("worker", worker)):
             if value is not None and not (
@@ -381,6 +421,42 @@ class RedisAccount:
     def bind(self, settings: ka.AccountSettings) -> _Binding:
         worker = self.worker or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         return _Binding(self, self._url, self.prefix(settings.fingerprint), worker, settings)
+
+    async def release_ended(self, fingerprint: str, job_ids: Sequence[str]) -> list[str]:
+        """Let any client of the account send again jobs that ended with no task (an
+        unreachable host, a stop) under a worker that is gone: such a job is never adopted
+        (it has ended), and its record keeps the gone worker as owner, so another client's
+        new job of that id would be refused the record and wait for it forever. Returns the
+        ids let go; a job whose owner lives, or that has not ended, is left alone.
+        ``fingerprint`` is the one the clients bind with (:class:`kling_async.AccountSettings`)."""
+        keys = _Keys(self.prefix(fingerprint), "")
+        connection = aioredis.Redis.from_url(
+            self._url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=5.0
+        )
+        try:
+            released = await connection.eval(
+                _NOW_MS
+                + """
+local released = {}
+for i = 2, #ARGV do
+  local owner = redis.call('HGET', KEYS[1], ARGV[i])
+  if owner and tonumber(redis.call('ZSCORE', KEYS[2], owner) or '0') <= now
+      and redis.call('SISMEMBER', ARGV[1] .. 'owned:' .. owner, ARGV[i]) == 0 then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    table.insert(released, ARGV[i])
+  end
+end
+return released
+""",
+                2,
+                keys.owner,
+                keys.workers,
+                keys.prefix,
+                *job_ids,
+            )
+        finally:
+            await connection.aclose()
+        return list(released)
 
 
 class _Keys:
@@ -488,6 +564,7 @@ class _Slots:
         self.concurrency_limited = 0
         self._changed = anyio.Event()
         self._rng = random.Random()
+        self._asking = anyio.Lock()
 
     def wake(self) -> None:
         self._changed.set()
@@ -498,6 +575,12 @@ class _Slots:
         self.limit = math.inf if not limit or limit >= 1e15 else float(limit)
 
     async def acquire(self, job_id: str) -> None:
+        # One create worker of this client asks the account at a time: a release wakes one
+        # script call per client, not one per create worker (which all but one would lose).
+        async with self._asking:
+            await self._acquire(job_id)
+
+    async def _acquire(self, job_id: str) -> None:
         b = self._b
         keys = b.keys
         ceiling = b.settings.max_active_tasks or 0
@@ -505,7 +588,15 @@ class _Slots:
             changed = self._changed
             try:
                 answer = await b.script(_ACQUIRE)(
-                    keys=[keys.slots, keys.slot_owner, keys.inflight, keys.learn, keys.fatal],
+                    keys=[
+                        keys.slots,
+                        keys.slot_owner,
+                        keys.inflight,
+                        keys.learn,
+                        keys.fatal,
+                        keys.owner,
+                        keys.workers,
+                    ],
                     args=[job_id, b.worker, b.lease_ms, ceiling],
                 )
             except RedisError as exc:
@@ -678,28 +769,54 @@ class _Store:
 
     def __init__(self, binding: _Binding) -> None:
         self._b = binding
+        #: A digest of each job's record as last written, but for its ``updated_at``: a poll
+        #: that saw nothing new is not written, nor replayed by every other client.
+        self._written: dict[str, int] = {}
+
+    def forget(self) -> None:
+        """Redis lost what was written: the next save writes every record again."""
+        self._written.clear()
 
     async def save(self, records: Iterable[ka.JobRecord]) -> None:
         b = self._b
-        batch = list(records)
-        if not batch:
-            return
-        keys = [b.keys.index, b.keys.owner, b.keys.mine, b.keys.changes]
+        keys = [b.keys.index, b.keys.owner, b.keys.mine, b.keys.changes, b.keys.workers]
         args: list[Any] = [b.worker, int(b.account.finished_ttl), b.account.changes_kept]
-        for record in batch:
+        digests: dict[str, int] = {}
+        for record in records:
+            data = record.to_dict()
+            digest = hash(json.dumps({**data, "updated_at": None}, sort_keys=True))
+            if self._written.get(record.id) == digest:
+                continue
+            digests[record.id] = digest
             keys.append(b.keys.job(record.id))
             args += [
                 record.id,
-                json.dumps(record.to_dict(), separators=(",", ":")),
+                json.dumps(data, separators=(",", ":")),
                 int(record.finished),
                 record.created_at,
             ]
-        try:
-            skipped = await b.script(_SAVE)(keys=keys, args=args)
-        except RedisError as exc:
-            raise ka.JobStoreError(
-                f"Redis at {b.account.url} did not take the jobs ({_why(exc)})"
-            ) from None
+        if not digests:
+            return
+        while True:
+            try:
+                skipped = await b.script(_SAVE)(keys=keys, args=args)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                # Unreachable (restarting, loading): wait for it, as every other write does.
+                # Raised, it would count against these records in the engine's StoreWriter,
+                # which drops a record refused a few times (it cannot tell a store that is
+                # down from a record it cannot take): a job's last change, its end, would
+                # then never reach Redis, and the other clients' replicas never end.
+                await b.outage.failed("the jobs are written when it is back", exc)
+                continue
+            except RedisError as exc:
+                raise ka.JobStoreError(
+                    f"Redis at {b.account.url} did not take the jobs ({_why(exc)})"
+                ) from None
+            b.outage.ok()
+            break
+        for job_id, digest in digests.items():
+            if job_id not in skipped:
+                self._written[job_id] = digest
         if skipped:
             b.disowned(skipped)
 
@@ -902,6 +1019,16 @@ class _Binding:
             self._pending_disowned += list(job_ids)
         else:
             self._member.disown(job_ids)
+        ids = list(job_ids)
+
+        async def op() -> None:
+            # The owner's record as it is: a replica that already ended (a job of this id
+            # another client finished) ends here too, instead of waiting for a change.
+            records = [record for record, _ in await self.records(ids)]
+            if records and self._member is not None:
+                self._member.replicate(records)
+
+        self.ops.add("the owners' records", op)
 
     async def records(self, ids: Sequence[str] | None = None) -> list[tuple[ka.JobRecord, str]]:
         """Records with their owners: these ids, or every job of the account (oldest first;
@@ -966,9 +1093,14 @@ class _Binding:
                     self.lease_ms,
                     self._epoch,
                     int(self._registered),
+                    secrets.token_hex(8),
                     *sorted(self._slots.held),
                 ],
             )
+            # Redis answers: an outage ends here, before the adoption below looks at how
+            # long it has answered (else the first heartbeat after an outage adopts every
+            # worker whose registration lapsed while it was down).
+            self.outage.ok()
             kind = answer[0]
             if kind in ("lost", "epoch"):
                 await self._resync(answer[1])
@@ -985,7 +1117,11 @@ class _Binding:
             if time.monotonic() - self.outage.connected_at >= self.account.lease_ttl / 2:
                 await self._adopt()
         except RedisError as exc:
-            await self.outage.failed("leases are renewed when it is back", exc)
+            # Back off no longer than a heartbeat's period (the outage's back-off grows to
+            # 2 s): once Redis is back, this worker must say it lives within half a lease,
+            # or the first worker back takes it for dead and adopts all its jobs.
+            with anyio.move_on_after(self.account.lease_ttl / 6):
+                await self.outage.failed("leases are renewed when it is back", exc)
             return
         self.outage.ok()
 
@@ -1014,6 +1150,7 @@ class _Binding:
         self._registered = False
         self._changes_from = self._durations_from = "0-0"
         assert self._member is not None
+        self._store.forget()
         await self._store.save(self._member.owned())
         await self._heartbeat()
 

@@ -213,3 +213,10 @@ async def test_an_unreachable_redis_says_so_when_the_client_opens() -> None:
         async with client:
             pass
     assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["redis://", "rediss://:pw@", "unix://", "redis:/0"])
+def test_a_url_without_a_host_is_refused(url: str) -> None:
+    with pytest.raises(ka.ValidationError, match="with a host") as caught:
+        RedisAccount(url)
+    assert "pw" not in str(caught.value)

@@ -53,6 +53,7 @@ TIME_SCALE_RANGE: Final = (1e-6, 100.0)
 _UNITS: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 MAX_FILE_SIZE: Final = _UNITS["T"]
 MAX_DOWNLOAD_TIMEOUT: Final = 86_400.0
+LEASE_RANGE: Final = (0.5, 3600.0)
 
 
 def _whole_number(high: int) -> Callable[[str], int]:
@@ -82,6 +83,18 @@ def _seconds(high: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _lease(text: str) -> float:
+    low, high = LEASE_RANGE
+    rule = f"must be a number of seconds from {low:g} to {high:g}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(rule) from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise argparse.ArgumentTypeError(rule)
+    return value
 
 
 def _time_scale(text: str) -> float:
@@ -214,6 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up on a file that has not arrived in this time, retries included "
         f"(default: {ka.DEFAULT_DOWNLOAD_TIMEOUT:g})",
+    )
+    group = batch.add_argument_group("several machines (one batch, split between them)")
+    group.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share this batch with every machine running it with the same prompt file and "
+        "this Redis: rows are claimed as slots free, each done once (default: "
+        "$KLING_REDIS_URL, better for a URL with a password, since command lines are visible "
+        "to other users; an empty value: this machine alone)",
+    )
+    group.add_argument(
+        "--redis-lease",
+        type=_lease,
+        metavar="SECONDS",
+        help="a machine silent for half of this is taken for dead and its rows taken over "
+        f"(default: 30; {LEASE_RANGE[0]:g} to {LEASE_RANGE[1]:g})",
     )
     group = batch.add_argument_group("run")
     group.add_argument(

@@ -21,15 +21,25 @@ one transaction by :class:`JournalWriter` so the event loop never waits on the d
 
 An account-level error (a rejected key, arrears) stops every submission: it is said once, when
 it happens, and the rows it kept from being sent are counted, not listed one by one.
+
+A batch shared through Redis (``--redis``, see :mod:`._shared`) reaches only the rows this
+machine holds: those it held already (a rerun), those it claims as its own rows leave the
+queue (while fewer than :data:`CLAIM_AHEAD` wait for a slot), and those it takes over from a
+machine that died or left. The others are ``elsewhere``. It ends once nothing is left to
+claim or take over, its own rows have ended and no other live machine still works on rows;
+each row it finishes (its clip in place, failed, rejected) is said in Redis at once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import anyio
 import anyio.abc
@@ -38,12 +48,16 @@ import attrs
 import kling_async as ka
 
 from ._files import PART_SUFFIX, disk_full_message, is_disk_full
-from ._jobs import BatchJobs, write_failure
+from ._jobs import BatchJobs, job_record, write_failure
 from ._journal import Journal, JournalRow, stored_request
 from ._progress import Reporter
 from ._rows import Phase, RowState
 
+if TYPE_CHECKING:
+    from ._shared import Look, SharedBatch
+
 __all__ = [
+    "CLAIM_AHEAD",
     "BatchOutcome",
     "BatchRunner",
     "DownloadSettings",
@@ -55,6 +69,13 @@ __all__ = [
 
 #: How often the runner looks at the client's connection health.
 _CONNECTION_CHECK_SECONDS = 0.5
+#: A shared batch: a machine claims more rows while fewer than this many of its rows wait for
+#: a slot, so the machines that get slots fastest take the most rows.
+CLAIM_AHEAD: Final = 4
+#: How a row that ended here is said in Redis (what is final for the whole batch).
+_FINAL_STATUS: Final = {Phase.DONE: "done", Phase.FAILED: "failed", Phase.REJECTED: "rejected"}
+
+_T = TypeVar("_T")
 
 
 @attrs.frozen(kw_only=True)
@@ -169,6 +190,7 @@ class BatchRunner:
         out: Path,
         downloads: DownloadSettings,
         reporter: Reporter,
+        share: SharedBatch | None = None,
     ) -> None:
         self._kling = kling
         self._journal = journal
@@ -181,7 +203,8 @@ class BatchRunner:
         self._by_job: dict[ka.Job, RowState] = {}
         #: Rows whose task ended in an earlier run: their download fetches the task first.
         self._refresh: set[str] = set()
-        self._open = 0
+        #: Keys of the rows this run works on and that have not ended yet.
+        self._open: set[str] = set()
         self._finished = anyio.Event()
         self._download_slots = anyio.Semaphore(downloads.concurrency)
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -192,6 +215,20 @@ class BatchRunner:
         #: Rows ended because the API host could not be reached (one line, one count).
         self.unreachable: ka.UnreachableError | None = None
         self._unreached = 0
+        # A shared batch (see the module docstring).
+        self._share = share
+        self._by_key = {state.row.key: state for state in self.states}
+        self._by_id = {state.record.external_task_id: state for state in self.states}
+        #: Rows nobody held when last asked, in file order: claimed from the front.
+        self._unclaimed: deque[RowState] = deque()
+        self._poked = anyio.Event()
+        #: Rows ended here, to say in Redis (row id -> done, failed or rejected).
+        self._finals: dict[str, str] = {}
+        self._finals_due = anyio.Event()
+        self._redis_failing = False
+        self._redis_failures = 0
+        #: Rows taken over from machines that died or left.
+        self.taken_over = 0
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -206,13 +243,24 @@ class BatchRunner:
                 task_group.start_soon(self._reporter.run)
                 task_group.start_soon(self._watch_connection)
                 task_group.start_soon(self._watch_store)
-                self._launch()
+                if self._share is None:
+                    self._launch(self.states)
+                else:
+                    task_group.start_soon(self._jobs.run_mirror)
+                    await self._share_start()
+                    task_group.start_soon(self._heartbeats)
+                    task_group.start_soon(self._tell_finals)
+                    task_group.start_soon(self._share_loop)
                 await self._finished.wait()
                 task_group.cancel_scope.cancel()
         finally:
             try:
                 with anyio.CancelScope(shield=True):
                     await self._writer.flush()
+                    if self._share is not None:
+                        await self._jobs.flush_mirror()
+                        with anyio.move_on_after(3.0):
+                            await self._send_finals()
             finally:
                 if self._not_sent:
                     rows = "row" if self._not_sent == 1 else "rows"
@@ -259,41 +307,52 @@ class BatchRunner:
             if state is not None:
                 self._on_event(state, event)
 
-    def _launch(self) -> None:
+    def _launch(self, states: Iterable[RowState]) -> None:
         """Reach every row's job; called once ``events()`` listens, so what a job did before
         (the client resumed it when it opened) is read from the job and nothing is missed."""
-        for state in self.states:
-            if state.phase.is_final:
-                continue
-            self._open += 1
-            job = self._kling.job(state.record.external_task_id)
-            if job is None or (job.done and job.task_id is None):
-                with warnings.catch_warnings():
-                    # Unknown model names were reported once when the file was read.
-                    warnings.simplefilter("ignore", ka.UnknownModelWarning)
-                    job = self._kling.submit(stored_request(state.record), resume=True)
-            elif job.status is ka.JobStatus.ERROR and job.task_id is not None:
-                # Given up on with its task kept (the host was unreachable, polls failed):
-                # the task is followed again.
-                job = self._kling.track(job.task_id)
-            elif job.done and job.task_id is not None:
-                # Ended with its task in an earlier run, its clip not saved: the download
-                # fetches the task first, for its current URL.
-                self._refresh.add(state.row.key)
-            self._watch(state, job)
-            if job.task_id is not None:
-                state.move(Phase.SUBMITTED)
-            self._on_change(state, job, job.status, job.task)
-        if self._open == 0:
+        for state in states:
+            if not state.phase.is_final:
+                self._reach(state)
+        if not self._open and self._share is None:
             self._finished.set()
+
+    def _reach(self, state: RowState, *, fresh: bool = False) -> None:
+        """Reach one row's job. ``fresh``: a shared batch's row claimed just now, which no
+        machine ever held, so never sent: created without a lookup (unless Redis lost the
+        batch's state, when a claim proves nothing)."""
+        self._open.add(state.row.key)
+        if state.record.status == "elsewhere":  # a shared batch's row, this machine's again
+            self._writer.update(state.row.key, outcome=None)
+            state.record = attrs.evolve(state.record, status="pending")
+        job = self._kling.job(state.record.external_task_id)
+        if job is None or (job.done and job.task_id is None):
+            unsent = fresh and job is None and not (self._share and self._share.lookup_first)
+            with warnings.catch_warnings():
+                # Unknown model names were reported once when the file was read.
+                warnings.simplefilter("ignore", ka.UnknownModelWarning)
+                job = self._kling.submit(stored_request(state.record), resume=not unsent)
+        elif job.status is ka.JobStatus.ERROR and job.task_id is not None:
+            # Given up on with its task kept (the host was unreachable, polls failed):
+            # the task is followed again.
+            job = self._kling.track(job.task_id)
+        elif job.done and job.task_id is not None:
+            # Ended with its task in an earlier run, its clip not saved: the download
+            # fetches the task first, for its current URL.
+            self._refresh.add(state.row.key)
+        self._watch(state, job)
+        if job.task_id is not None:
+            state.move(Phase.SUBMITTED)
+        self._on_change(state, job, job.status, job.task)
 
     def _watch(self, state: RowState, job: ka.Job) -> None:
         state.job = job
         self._by_job[job] = state
 
     def _finish(self, state: RowState) -> None:
-        self._open -= 1
-        if self._open <= 0:
+        self._open.discard(state.row.key)
+        if self._share is not None:
+            self._poke()
+        elif not self._open:
             self._finished.set()
 
     # --- events -------------------------------------------------------------------------------
@@ -304,6 +363,9 @@ class BatchRunner:
     def _on_change(
         self, state: RowState, job: ka.Job, status: ka.JobStatus, task: ka.Task | None
     ) -> None:
+        if self._share is not None and state.row.key in self._open:
+            self._jobs.mirror(job_record(job))  # the client keeps its jobs in Redis
+            self._poke()
         if state.phase.is_final or state.downloading:
             return  # said already (a job's state when reached, then its event)
         changes: dict[str, object] = {}
@@ -388,6 +450,8 @@ class BatchRunner:
         if phase is not Phase.DONE:
             state.error = message
         self._reporter.changed(state, None if quiet else f"{phase.value}: {message}")
+        if phase in _FINAL_STATUS and state.row.key in self._open:
+            self._final(state, _FINAL_STATUS[phase])
         self._finish(state)
 
     # --- downloads ----------------------------------------------------------------------------
@@ -446,7 +510,331 @@ class BatchRunner:
         took = f", {finished_at - submitted_at:.1f} s" if submitted_at is not None else ""
         state.move(Phase.DONE)
         self._reporter.changed(state, f"saved {record.file} ({result.size} bytes{took})")
+        if state.row.key in self._open:
+            self._final(state, "done")
         self._finish(state)
+
+    # --- a batch shared through Redis -----------------------------------------------------
+
+    def _poke(self) -> None:
+        self._poked.set()
+
+    def _final(self, state: RowState, status: str) -> None:
+        if self._share is not None:
+            self._finals[state.record.external_task_id] = status
+            self._finals_due.set()
+
+    async def _redis_failed(self, exc: BaseException) -> None:
+        """Said once until Redis answers again; the caller tries again after a pause."""
+        assert self._share is not None
+        if not self._redis_failing:
+            self._redis_failing = True
+            self._reporter.note(
+                f"Redis at {self._share.url} is unavailable ({type(exc).__name__}: {exc}); "
+                "rows are claimed, taken over and said finished when it is back"
+            )
+        self._redis_failures += 1
+        await anyio.sleep(min(2.0, 0.05 * 2 ** min(self._redis_failures, 6)))
+
+    def _redis_ok(self) -> None:
+        self._redis_failures = 0
+        if self._redis_failing:
+            self._redis_failing = False
+            assert self._share is not None
+            self._reporter.note(f"Redis at {self._share.url} answers again")
+
+    async def _redis(self, call: Callable[..., Awaitable[_T]], *args: object) -> _T:
+        """``call(*args)``, again and again until Redis answers."""
+        from redis.exceptions import RedisError
+
+        while True:
+            try:
+                result = await call(*args)
+            except RedisError as exc:
+                await self._redis_failed(exc)
+                continue
+            self._redis_ok()
+            return result
+
+    async def _share_start(self) -> None:
+        """Say this machine lives, then sort the rows by who holds them: this machine's are
+        reached now (a rerun resumes them), the others' are ``elsewhere``, the unclaimed wait
+        their turn. Rows ended here before that Redis does not know of are said."""
+        share = self._share
+        assert share is not None
+        while not share.registered:
+            await self._beat()
+        owners = await self._redis(share.owners, list(self._by_id))
+        worked_on = await self._jobs.recorded()
+        if any(
+            owners[job_id].machine is None
+            and (job_id in worked_on or self._by_id[job_id].record.status == "elsewhere")
+            for job_id in self._by_id
+        ):
+            # Rows this machine (or another) held are claimed by nobody: Redis lost them.
+            await self._redis(share.lost)
+            self._reporter.note(
+                f"Redis at {share.url} lost this batch's shared state: every row is looked up "
+                "before it is created"
+            )
+        mine: list[RowState] = []
+        elsewhere = 0
+        for state in self.states:
+            owner = owners[state.record.external_task_id]
+            if state.phase.is_final:
+                status = _FINAL_STATUS.get(state.phase)
+                if (
+                    status is not None
+                    and owner.machine in (None, share.machine)
+                    and not owner.final
+                ):
+                    self._final(state, status)
+                continue
+            if owner.machine == share.machine:
+                mine.append(state)
+            elif owner.machine is not None:
+                self._elsewhere(state, owner.machine, owner.final)
+                elsewhere += 1
+            else:
+                self._unclaimed.append(state)
+        self._reporter.note(
+            f"shared through Redis at {share.url} as machine {share.machine}: "
+            f"{len(mine)} rows held here, {elsewhere} by other machines, "
+            f"{len(self._unclaimed)} not claimed yet"
+        )
+        await self._reach_held(mine)
+
+    async def _reach_held(self, states: Sequence[RowState]) -> None:
+        """Reach rows this machine holds. A job that ended with no task where its owner is
+        gone (a machine that died or left) is let go first, so that this client may send it
+        again (looked up first: it may have gone out)."""
+        share = self._share
+        assert share is not None
+        errored = [
+            state.record.external_task_id
+            for state in states
+            if (job := self._kling.job(state.record.external_task_id)) is not None
+            and job.status is ka.JobStatus.ERROR
+        ]
+        if errored:
+            await self._redis(share.release_ended, errored)
+        for state in states:
+            self._reach(state)
+
+    def _elsewhere(self, state: RowState, machine: str | None, final: str | None = None) -> None:
+        """Another machine holds the row: its clip goes to that machine's out dir."""
+        state.machine = machine
+        state.machine_status = final
+        if state.job is not None:
+            self._by_job.pop(state.job, None)
+        if state.phase is not Phase.ELSEWHERE:
+            state.move(Phase.ELSEWHERE)
+            self._reporter.changed(state, None)
+        if state.record.status != "elsewhere":
+            self._writer.update(state.row.key, outcome="elsewhere")
+            state.record = attrs.evolve(state.record, status="elsewhere")
+
+    async def _share_loop(self) -> None:
+        """Claim rows as this machine's wait for slots, take over the rows of machines that
+        die or leave, and end the run once the whole batch is done or held by live machines
+        that still work on it."""
+        share = self._share
+        assert share is not None
+        every = min(1.0, share.lease / 6)
+        looked = -math.inf
+        while True:
+            poked = self._poked
+            await self._claim_more()
+            idle = not self._unclaimed and not self._open
+            if idle or time.monotonic() - looked >= every:
+                look = await self._redis(share.look)
+                looked = time.monotonic()
+                if look.adopted:
+                    await self._take_over(look)
+                    continue
+                if not look.busy_elsewhere and not self._unclaimed and not self._open:
+                    self._finished.set()
+                    return
+            with anyio.move_on_after(every):
+                await poked.wait()
+            if poked.is_set():
+                self._poked = anyio.Event()
+
+    async def _claim_more(self) -> None:
+        """Claim rows while fewer than ``CLAIM_AHEAD`` of this machine's wait for a slot."""
+        share = self._share
+        assert share is not None
+        cause = self.fatal or self.unreachable
+        if cause is not None and self._unclaimed:
+            # Every row claimed now would end the same way: left to a later run.
+            count = len(self._unclaimed)
+            self._unclaimed.clear()
+            rows = "row" if count == 1 else "rows"
+            self._reporter.note(f"{count} {rows} left unclaimed: {cause}")
+        while self._unclaimed:
+            waiting = sum(self._by_key[key].phase is Phase.WAITING for key in self._open)
+            want = CLAIM_AHEAD - waiting
+            if want <= 0:
+                return
+            candidates: list[RowState] = []
+            while self._unclaimed and len(candidates) < max(64, 8 * want):
+                state = self._unclaimed.popleft()
+                if state.phase is Phase.WAITING and state.row.key not in self._open:
+                    candidates.append(state)
+            if not candidates:
+                return
+            from redis.exceptions import RedisError
+
+            try:
+                claimed = await share.claim(
+                    [state.record.external_task_id for state in candidates], want
+                )
+            except BaseException as exc:
+                # Not looked at (as far as this machine knows: a claim whose answer was lost
+                # is found again, as this machine's, when the row comes round again).
+                self._unclaimed.extendleft(reversed(candidates))
+                if not isinstance(exc, RedisError):
+                    raise
+                await self._redis_failed(exc)
+                return
+            self._redis_ok()
+            self._unclaimed.extendleft(reversed(candidates[claimed.examined :]))
+            for job_id, machine in claimed.taken.items():
+                self._elsewhere(self._by_id[job_id], machine)
+            if claimed.mine:
+                await self._reach_held([self._by_id[job_id] for job_id in claimed.mine])
+            for job_id in claimed.fresh:
+                self._reach(self._by_id[job_id], fresh=True)
+
+    async def _take_over(self, look: Look) -> None:
+        """Rows of machines that died or left are this machine's now: reached like its own
+        (their jobs followed wherever they are, a clip downloaded here)."""
+        for machine, count in look.from_machines.items():
+            rows = "row" if count == 1 else "rows"
+            self._reporter.note(
+                f"taking over {count} {rows} of machine {machine}, which stopped answering or left"
+            )
+        states: list[RowState] = []
+        for job_id in look.adopted:
+            state = self._by_id.get(job_id)
+            if state is None or state.row.key in self._open:
+                continue
+            if state.phase in _FINAL_STATUS:  # ended here already (a clip in this out dir)
+                self._final(state, _FINAL_STATUS[state.phase])
+                continue
+            if state.downloading and not state.phase.is_final:
+                continue  # its download here goes on
+            state.downloading = False
+            state.machine = state.machine_status = state.error = None
+            state.move(Phase.WAITING)
+            self._reporter.changed(state, None)
+            states.append(state)
+        self.taken_over += len(states)
+        await self._reach_held(states)
+
+    async def _tell_finals(self) -> None:
+        """Say in Redis how rows ended, as soon as they do: a clip is in place (renamed into
+        this out dir) before its row is said done, and the sooner that is said, the smaller
+        the window in which a machine dying would make another one fetch the clip again. The
+        journal follows (a rerun finds a row Redis says this machine did, and that its
+        journal does not have as done, still its own: it is downloaded again, here)."""
+        while True:
+            await self._finals_due.wait()
+            self._finals_due = anyio.Event()
+            await self._send_finals()
+
+    async def _send_finals(self) -> None:
+        share = self._share
+        assert share is not None
+        while self._finals:
+            batch = dict(self._finals)
+            await self._redis(share.finals, batch)
+            for job_id, status in batch.items():
+                if self._finals.get(job_id) == status:
+                    del self._finals[job_id]
+
+    async def _heartbeats(self) -> None:
+        assert self._share is not None
+        while True:
+            await anyio.sleep(self._share.lease / 6)
+            await self._beat()
+
+    async def _beat(self) -> None:
+        from redis.exceptions import RedisError
+
+        share = self._share
+        assert share is not None
+        try:
+            evicted, lost = await share.heartbeat(len(self._open))
+            if lost:
+                await self._resync()
+            if evicted:
+                await self._evicted()
+                await share.heartbeat(len(self._open))
+        except RedisError as exc:
+            await self._redis_failed(exc)
+            return
+        self._redis_ok()
+
+    async def _drop_lost(self, holders: Mapping[str, str | None]) -> int:
+        """Rows this machine worked on that another one holds now (row id -> holder)."""
+        assert self._share is not None
+        lost = 0
+        for job_id, machine in holders.items():
+            state = self._by_id[job_id]
+            if machine == self._share.machine or state.row.key not in self._open:
+                continue
+            self._open.discard(state.row.key)
+            self._elsewhere(state, machine)
+            lost += 1
+        self._poke()
+        return lost
+
+    async def _evicted(self) -> None:
+        """This machine was taken for dead (silent for half a lease): the rows others took
+        over are theirs now (their downloads here, if any, still finish)."""
+        share = self._share
+        assert share is not None
+        held = [self._by_key[key].record.external_task_id for key in self._open]
+        owners = await share.owners(held)
+        if any(owners[job_id].machine is None for job_id in held):
+            await self._resync()  # not taken over: Redis lost the batch's state
+            return
+        lost = await self._drop_lost({job_id: owners[job_id].machine for job_id in held})
+        self._reporter.note(
+            f"this machine was taken for dead (silent for {share.lease / 2:g} s or more); "
+            f"{lost} of its rows went to other machines"
+        )
+
+    async def _resync(self) -> None:
+        """Redis lost the batch's state (a restart without persistence): claim this machine's
+        rows again, say again what ended here, and (once the other machines have had the
+        time to claim theirs again) look at the rows they held as if unclaimed. From now on
+        every row is looked up before it is created."""
+        share = self._share
+        assert share is not None
+        self._reporter.note(
+            f"Redis at {share.url} lost this batch's shared state; claiming this machine's "
+            "rows again (every row is now looked up before it is created)"
+        )
+        await share.lost()
+        held = [self._by_key[key].record.external_task_id for key in self._open]
+        if held:
+            claimed = await share.claim(held, len(held))
+            await self._drop_lost(dict(claimed.taken))
+        for state in self.states:
+            if state.phase in _FINAL_STATUS and state.machine is None:
+                self._final(state, _FINAL_STATUS[state.phase])
+        assert self._task_group is not None
+        self._task_group.start_soon(self._requeue_elsewhere, share.lease / 2)
+
+    async def _requeue_elsewhere(self, after: float) -> None:
+        await anyio.sleep(after)
+        for state in self.states:
+            if state.phase is Phase.ELSEWHERE and state.machine_status is None:
+                state.move(Phase.WAITING)
+                self._unclaimed.append(state)
+        self._poke()
 
 
 async def verify_done(out: Path, records: Mapping[str, JournalRow]) -> set[str]:

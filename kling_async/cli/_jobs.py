@@ -22,6 +22,12 @@ finds them again when the next run opens it. Why it is more than the store itsel
 * **A store that cannot write stops the run.** The engine would retry and log; a batch that
   cannot record its tasks could not resume them, so :attr:`failed` is set and the runner
   stops with the same words as for a journal update that failed.
+
+A batch shared through Redis (``--redis``) keeps its jobs in Redis, where every machine sees
+them (``RedisAccount``): the client gets no store, and the runner keeps a copy of the state of
+the jobs of this machine's rows in the same tables (:meth:`BatchJobs.mirror`), so ``status``
+and the summary read the journal as always. That copy is never resumed from: a shared journal
+is refused to a run without ``--redis``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import kling_async as ka
 from ._files import disk_full_message, is_disk_full
 from ._journal import Journal, JournalError, JournalRow, stored_request
 
-__all__ = ["BatchJobs", "write_failure"]
+__all__ = ["BatchJobs", "job_record", "write_failure"]
 
 
 def write_failure(journal: Journal, exc: BaseException) -> JournalError:
@@ -52,6 +58,24 @@ def write_failure(journal: Journal, exc: BaseException) -> JournalError:
         f"{problem}; stopping, since a run that cannot record its tasks could not resume "
         "them. Fix it, then rerun the same command: tasks already created are looked up by "
         "their external_task_id, not created again"
+    )
+
+
+def job_record(job: ka.Job) -> ka.JobRecord:
+    """A job's state as a record (for the local copy of a shared batch's jobs)."""
+    error = job.to_dict()["error"]
+    return ka.JobRecord(
+        id=job.id,
+        request=job.request,
+        task_id=job.task_id,
+        status=job.status,
+        task=job.task,
+        sent=job.status is not ka.JobStatus.QUEUED or job.task_id is not None,
+        possible_duplicate=job.possible_duplicate,
+        error=None if error is None else str(error["message"]),
+        error_type=None if error is None else str(error["type"]),
+        created_at=job.created_at.timestamp(),
+        updated_at=job.updated_at.timestamp(),
     )
 
 
@@ -79,6 +103,10 @@ class BatchJobs:
         #: Set when a write failed; :attr:`failure` says why.
         self.failed = anyio.Event()
         self.failure: JournalError | None = None
+        #: Records of the local copy (a shared batch) not written yet, by job id.
+        self._copies: dict[str, ka.JobRecord] = {}
+        self._copied = anyio.Event()
+        self._copy_lock = anyio.Lock()
 
     async def open(self) -> None:
         """Open the job store's tables in the journal file (made if missing), and migrate a
@@ -119,6 +147,38 @@ class BatchJobs:
             record.external_task_id: _Planned(stored_request(record), follow)
             for record, follow in rows
         }
+
+    # --- the local copy of a shared batch's jobs -------------------------------------------
+
+    def mirror(self, record: ka.JobRecord) -> None:
+        """Keep this job's state in the journal (written soon, with others)."""
+        self._copies[record.id] = record
+        self._copied.set()
+
+    async def run_mirror(self) -> None:
+        while True:
+            await self._copied.wait()
+            self._copied = anyio.Event()
+            await self.flush_mirror()
+
+    async def recorded(self) -> set[str]:
+        """The ids of the jobs this journal has a record of (a shared batch: the rows this
+        machine has worked on)."""
+        try:
+            return {record.id for record in await self._store.load()}
+        except ka.JobStoreError as exc:
+            raise self._unusable(exc) from None
+
+    async def flush_mirror(self) -> None:
+        async with self._copy_lock:
+            while self._copies:
+                batch, self._copies = self._copies, {}
+                try:
+                    await self.save(batch.values())
+                except BaseException:
+                    for job_id, record in batch.items():
+                        self._copies.setdefault(job_id, record)
+                    raise
 
     # --- the JobStore protocol ------------------------------------------------------------
 

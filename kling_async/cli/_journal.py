@@ -24,6 +24,12 @@ request re-read and re-hashed, its key keeping its occurrence number; schema 1 (
 position) has each key recomputed from the stored request, in row order. Read-only opens
 (``status``, ``--dry-run``) make the same conversion in memory and write nothing.
 
+A batch shared by several machines (``--redis``) keeps a journal on each: the batch id is
+then not random but the same on every machine (a hash of the file's rows, given to
+:meth:`Journal.prepare`), so row N gets the same ``external_task_id`` everywhere; the journal
+says it is shared (and names its machine), is refused to a run without ``--redis``, and marks
+the rows another machine holds ``elsewhere``.
+
 WAL mode with ``synchronous=FULL`` makes every commit durable when it returns while letting
 ``kling-async status`` read the journal of a running batch. A lock file next to the journal
 keeps two batches from driving the same journal at once (the operating system drops the lock
@@ -77,8 +83,18 @@ _LEGACY: Final = ("1", "2", "3")
 #: pending: journaled, maybe POSTed (a rerun looks it up by external id before creating);
 #: submitted / processing: the task exists (task_id known); succeeded: the task made its video,
 #: not downloaded yet; done: the file is in place with its sha256; failed: the task failed;
-#: rejected: the request was refused (policy, invalid) and will not be sent again.
-STATUSES: Final = ("pending", "submitted", "processing", "succeeded", "done", "failed", "rejected")
+#: rejected: the request was refused (policy, invalid) and will not be sent again;
+#: elsewhere: another machine of a batch shared through Redis holds the row (its clip is there).
+STATUSES: Final = (
+    "pending",
+    "submitted",
+    "processing",
+    "succeeded",
+    "done",
+    "failed",
+    "rejected",
+    "elsewhere",
+)
 TERMINAL: Final = frozenset({"done", "failed", "rejected"})
 
 _SCHEMA: Final = """
@@ -123,8 +139,9 @@ UPDATABLE: Final = frozenset(
         "finished_at",
     }
 )
-#: The batch's verdicts a row's ``outcome`` may hold.
-OUTCOMES: Final = frozenset({"done", "rejected"})
+#: The batch's verdicts a row's ``outcome`` may hold (``elsewhere``: another machine of a
+#: shared batch holds it; not final, the next run asks Redis again).
+OUTCOMES: Final = frozenset({"done", "rejected", "elsewhere"})
 
 
 class JournalError(Exception):
@@ -547,6 +564,16 @@ class Journal:
     def batch_id(self) -> str | None:
         return self.meta.get("batch_id")
 
+    @property
+    def shared(self) -> bool:
+        """The batch is shared by several machines through Redis (``--redis``)."""
+        return self.meta.get("shared") == "redis"
+
+    @property
+    def machine(self) -> str | None:
+        """This journal's machine in a shared batch (the name it goes by in Redis)."""
+        return self.meta.get("machine")
+
     def rows(self) -> dict[str, JournalRow]:
         """Every row, in file order (rows no longer in the file where they last were), each
         with its job's state from the job store's record (or, in a journal of schema 3 or
@@ -653,6 +680,8 @@ class Journal:
         backend: str,
         prompts: str,
         restart: Callable[[JournalRow], bool] | None = None,
+        batch_id: str | None = None,
+        machine: Callable[[str], str] | None = None,
     ) -> Preparation:
         """Reconcile the file with the journal in one durable transaction, before any POST.
 
@@ -663,6 +692,11 @@ class Journal:
         old task can never be adopted by mistake: failed rows with ``--retry-failed``, and the
         unfinished rows of an in-process emulator that is gone with its tasks. Raises
         :class:`JournalError` if the journal belongs to another backend.
+
+        ``batch_id`` (a batch shared through Redis): the batch id every machine computes from
+        the file, used for a new journal, and required of an existing one; ``machine`` names
+        this journal's machine from a random token, once. A shared journal is refused to a
+        run that is not shared, and the other way round.
         """
         if self.legacy_layout:
             raise JournalError(
@@ -675,9 +709,25 @@ class Journal:
                 f"{self.path} belongs to a batch run against {known_backend}, not {backend}: "
                 "its tasks cannot be followed from here; use another --out directory"
             )
+        if self.batch_id is not None and self.shared and batch_id is None:
+            raise JournalError(
+                f"{self.path} holds batch {self.batch_id}, which several machines share "
+                "through Redis: run it with --redis URL (or KLING_REDIS_URL), or its rows "
+                "would be sent without the other machines knowing"
+            )
+        if self.batch_id is not None and batch_id is not None and self.batch_id != batch_id:
+            what = (
+                f"shared batch {self.batch_id}, not this file's ({batch_id}): with --redis a "
+                "batch is exactly the file's rows (and request defaults), so an edited file "
+                "is another batch"
+                if self.shared
+                else f"batch {self.batch_id}, run without --redis"
+            )
+            raise JournalError(f"{self.path} holds {what}; use another --out directory")
         existing = self.rows()
         now = time.time()
-        batch_id = self.batch_id or secrets.token_hex(6)
+        new_batch = self.batch_id is None
+        batch_id = self.batch_id or batch_id or secrets.token_hex(6)
         total = max([row.number for row in rows] + [row.number for row in existing.values()])
         used_ids = {record.external_task_id for record in existing.values()}
         used_files = {record.file for record in existing.values()}
@@ -736,16 +786,16 @@ class Journal:
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            if self.batch_id is None:
-                db.executemany(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)",
-                    [
-                        ("schema", SCHEMA_VERSION),
-                        ("batch_id", batch_id),
-                        ("backend", backend),
-                        ("created_at", str(now)),
-                    ],
-                )
+            if new_batch:
+                first = [
+                    ("schema", SCHEMA_VERSION),
+                    ("batch_id", batch_id),
+                    ("backend", backend),
+                    ("created_at", str(now)),
+                ]
+                if machine is not None:
+                    first += [("shared", "redis"), ("machine", machine(secrets.token_hex(3)))]
+                db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", first)
             db.executemany(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [("prompts", prompts), ("next_id", str(counter))],

@@ -26,6 +26,8 @@ def _step(settings: BatchSettings, record: JournalRow | None, request_hash: str)
         return "changed (not sent)"
     if record.status == "done" and (settings.out / record.file).is_file():
         return "done (skip)"
+    if record.status == "elsewhere":
+        return "another machine's when last run (Redis says at run time)"
     if record.status in ("failed", "rejected"):
         return "submit again" if settings.retry_failed else f"{record.status} (skip)"
     if record.task_id is not None or record.video_url:
@@ -60,6 +62,13 @@ def show_plan(settings: BatchSettings, prompt_file: PromptFile, console: Console
         f"{settings.journal} ({journal}); clips into {settings.out}/"
     )
     print_("plan: " + ", ".join(f"{count} {step}" for step, count in plan.items()))
+    if settings.redis_url is not None:
+        from ._settings import redacted_redis_url
+
+        print_(
+            f"shared through Redis at {redacted_redis_url(settings.redis_url)}: each machine "
+            "running this file submits only the rows it claims, as its slots free"
+        )
     table = Table(header_style="bold")
     for column in ("row", "line", "model", "mode", "sec", "ratio"):
         table.add_column(column, no_wrap=True, min_width=len(column))

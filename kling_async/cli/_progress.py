@@ -108,6 +108,8 @@ class PlainProgress:
     def changed(self, state: RowState, message: str | None) -> None:
         if state.phase.is_final:
             self._finished.add(state.row.number)
+        else:  # a shared batch's row taken over here from another machine
+            self._finished.discard(state.row.number)
         if message is None:
             return
         width = len(str(self._total))

@@ -27,6 +27,7 @@ class Phase(enum.StrEnum):
     REJECTED = "rejected"  # the request was refused
     ERROR = "error"  # stopped short (download, account, lost task): a rerun tries again
     CHANGED = "changed"  # differs from the journal: not sent
+    ELSEWHERE = "elsewhere"  # another machine of a shared batch (--redis) holds it
 
     @property
     def is_final(self) -> bool:
@@ -37,7 +38,10 @@ class Phase(enum.StrEnum):
         return _GROUP[self]
 
 
-_FINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.REJECTED, Phase.ERROR, Phase.CHANGED})
+#: Final for this run (ELSEWHERE too: another machine's work, unless it is taken over here).
+_FINAL = frozenset(
+    {Phase.DONE, Phase.FAILED, Phase.REJECTED, Phase.ERROR, Phase.CHANGED, Phase.ELSEWHERE}
+)
 _GROUP = {
     Phase.WAITING: "queued",
     Phase.SUBMITTED: "running",
@@ -48,9 +52,10 @@ _GROUP = {
     Phase.REJECTED: "failed",
     Phase.ERROR: "failed",
     Phase.CHANGED: "changed",
+    Phase.ELSEWHERE: "elsewhere",
 }
 #: Display order of the groups.
-GROUPS = ("done", "running", "downloading", "queued", "failed", "changed")
+GROUPS = ("done", "running", "downloading", "queued", "failed", "changed", "elsewhere")
 
 
 @attrs.define
@@ -70,6 +75,10 @@ class RowState:
     active_since: float | None = None
     #: Its clip's download has started (a job's later events change nothing then).
     downloading: bool = False
+    #: A shared batch: the machine that holds the row (when another one), and how the row
+    #: ended there, as Redis said when last asked (None: not yet).
+    machine: str | None = None
+    machine_status: str | None = None
 
     def move(self, phase: Phase) -> bool:
         """Enter ``phase``; False if already there."""

@@ -15,14 +15,20 @@ Order matters, and is the crash-safety argument:
 
 SIGINT and SIGTERM cancel the run cleanly (every background task of the client lives in its
 scope); a second Ctrl-C during that short cleanup is not needed and not special.
+
+With ``--redis`` the batch is shared by the machines that run it (:mod:`._shared`): the batch
+id comes from the file, the client keeps its jobs in Redis (not in the journal, which keeps a
+copy for ``status``), the runner works on the rows this machine claims or takes over, and the
+summary adds what Redis knows of the whole batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import anyio
 import attrs
@@ -39,7 +45,14 @@ from ._progress import LiveProgress, PlainProgress, Reporter
 from ._prompts import PromptFile
 from ._rows import Phase, RowState
 from ._settings import EMULATOR_STATE_NAME, BatchSettings, open_client
-from ._summary import SUMMARY_NAME, build_summary, render_summary, write_summary
+from ._summary import (
+    SUMMARY_NAME,
+    batch_counts,
+    build_summary,
+    render_batch_counts,
+    render_summary,
+    write_summary,
+)
 
 __all__ = [
     "EXIT_ACCOUNT",
@@ -77,6 +90,18 @@ def _interrupted_hint(settings: BatchSettings) -> str:
 
 
 @attrs.define
+class _Shared:
+    """A shared batch, as this machine leaves it: its name, Redis (without a password), and
+    who holds each row and how it ended (row id -> (machine, final status)) as Redis said at
+    the end (None: Redis could not say)."""
+
+    machine: str
+    url: str
+    holders: Mapping[str, tuple[str | None, str | None]] | None = None
+    taken_over: int = 0
+
+
+@attrs.define
 class _Run:
     """What one run has got to, filled in as it goes so an interrupted run can be summarised."""
 
@@ -86,6 +111,7 @@ class _Run:
     interrupted: bool = False
     disk_full: bool = False
     unreachable: ka.UnreachableError | None = None
+    shared: _Shared | None = None
 
 
 def restart_rule(
@@ -221,12 +247,21 @@ async def _execute_with(
     known = journal.rows()
     verified = await verify_done(settings.out, known)
     lost = settings.emulator and bool(known) and not (settings.out / EMULATOR_STATE_NAME).exists()
+    shared_id = None
+    name_machine = None
+    if settings.shared:
+        from ._shared import machine_name, shared_batch_id
+
+        shared_id = shared_batch_id(settings.backend, prompt_file.rows)
+        name_machine = machine_name
     try:
         preparation = journal.prepare(
             prompt_file.rows,
             backend=settings.backend,
             prompts=str(prompt_file.path),
             restart=restart_rule(settings, verified, emulator_lost=lost),
+            batch_id=shared_id,
+            machine=name_machine,
         )
     except JournalError as exc:
         say(f"error: {exc}")
@@ -246,6 +281,8 @@ async def _execute_with(
         reporter.note("using the built-in emulator: no account needed, placeholder clips")
     reporter.note(_opening(run.states, journal))
     _files.remove_stale_temporaries(settings.out, SUMMARY_NAME)
+    if settings.shared:
+        return await _execute_shared(settings, journal, jobs, reporter, run)
     async with open_client(settings, store=jobs) as kling:
         runner = BatchRunner(
             kling,
@@ -263,8 +300,72 @@ async def _execute_with(
     return None
 
 
+async def _execute_shared(
+    settings: BatchSettings,
+    journal: Journal,
+    jobs: BatchJobs,
+    reporter: Reporter,
+    run: _Run,
+) -> int | None:
+    """Step 3 for a batch shared through Redis: the client keeps its jobs there, under this
+    machine's name; the runner claims, takes over and says what ended."""
+    from redis.exceptions import RedisError
+
+    from ._shared import SharedError, shared_client
+
+    assert run.preparation is not None
+    assert journal.batch_id is not None
+    assert journal.machine is not None
+    # This journal ran the batch before: Redis should know the batch (if not, it lost it).
+    ran_before = len(run.preparation.fresh) < len(run.preparation.rows)
+    try:
+        async with shared_client(
+            settings,
+            batch_id=journal.batch_id,
+            machine=journal.machine,
+            rows=len(run.states),
+            expect=ran_before,
+        ) as (kling, share):
+            run.shared = _Shared(journal.machine, share.url)
+            runner = BatchRunner(
+                kling,
+                journal,
+                jobs,
+                run.states,
+                out=settings.out,
+                downloads=settings.downloads,
+                reporter=reporter,
+                share=share,
+            )
+            try:
+                outcome = await runner.run()
+                run.fatal = outcome.fatal
+                run.disk_full = outcome.disk_full
+                run.unreachable = outcome.unreachable
+            finally:
+                run.shared.taken_over = runner.taken_over
+                ids = [state.record.external_task_id for state in run.states]
+                with anyio.move_on_after(3.0, shield=True), contextlib.suppress(RedisError):
+                    owners = await share.owners(ids)
+                    run.shared.holders = {
+                        job_id: (owner.machine, owner.final) for job_id, owner in owners.items()
+                    }
+    except SharedError as exc:
+        say(f"error: {exc}")
+        return EXIT_USAGE
+    return None
+
+
 async def run_batch(settings: BatchSettings, prompt_file: PromptFile, console: Console) -> int:
     """Run a validated batch to its end; return the exit status."""
+    if settings.redis_url is not None:
+        from ._shared import SharedError, check_reachable
+
+        try:
+            await check_reachable(settings.redis_url)
+        except SharedError as exc:
+            say(f"error: {exc}")
+            return EXIT_USAGE
     try:
         out_lock = _files.lock(
             settings.out / LOCK_NAME,
@@ -324,7 +425,35 @@ def _finish(
     errored = {
         state.row.key: state.error or "error" for state in run.states if state.phase is Phase.ERROR
     }
-    summary = build_summary(prompt_file.rows, journal.rows(), changed=changed, errored=errored)
+    shared = run.shared
+    holders = None
+    extra: dict[str, object] = {}
+    if shared is not None:
+        by_id = shared.holders
+        holders = {
+            state.row.key: by_id.get(state.record.external_task_id, (None, None))
+            if by_id is not None
+            else (state.machine, state.machine_status)
+            for state in run.states
+        }
+        extra["shared"] = {
+            "redis": shared.url,
+            "machine": shared.machine,
+            "taken_over": shared.taken_over,
+            **(
+                batch_counts(shared.holders.values(), shared.machine)
+                if shared.holders is not None
+                else {"counts": None}
+            ),
+        }
+    summary = build_summary(
+        prompt_file.rows,
+        journal.rows(),
+        changed=changed,
+        errored=errored,
+        holders=holders,
+        machine=shared.machine if shared is not None else None,
+    )
     summary_path = settings.out / SUMMARY_NAME
     written = True
     try:
@@ -335,6 +464,7 @@ def _finish(
             prompts=str(prompt_file.path),
             journal=str(settings.journal),
             interrupted=run.interrupted,
+            **extra,
         )
     except OSError as exc:
         written = False
@@ -343,6 +473,13 @@ def _finish(
         else:
             say(f"error: cannot write {summary_path}: {exc}")
     render_summary(console, summary)
+    if shared is not None:
+        render_batch_counts(
+            console,
+            journal.batch_id or "?",
+            shared.machine,
+            None if shared.holders is None else list(shared.holders.values()),
+        )
     if run.disk_full:
         say(
             f"error: {_files.disk_full_message(settings.out)}: clips could not be saved; free "
@@ -368,9 +505,19 @@ def _finish(
             "command (tasks already created are followed, not sent again)"
         )
         return EXIT_UNREACHABLE
-    unfinished = sum(row.status != "done" for row in summary)
+    unfinished = sum(
+        row.status != "done" and not (row.status == "elsewhere" and row.machine_status == "done")
+        for row in summary
+    )
     if not unfinished:
         return EXIT_OK if written else EXIT_SOME_FAILED
+    if shared is not None:
+        say(
+            f"{unfinished} rows of the batch did not finish (see {summary_path}; rows of other "
+            "machines in their summaries); rerunning the same command on any machine resumes "
+            "its rows and takes over those of machines that are gone"
+        )
+        return EXIT_SOME_FAILED
     say(
         f"{unfinished} rows did not finish (see {summary_path}); rerunning the same command "
         "retries errors and resumes unfinished rows (failed rows need --retry-failed)"

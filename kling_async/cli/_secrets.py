@@ -2,7 +2,9 @@
 
 The SDK never puts a key in a message; this is the second line of defence for what the command
 line itself handles: keys given with ``--api-key`` or the environment are replaced by ``***``
-in anything written to stdout or stderr (argparse errors included), and no argparse error
+in anything written to stdout or stderr (argparse errors included), and so is the password
+of a Redis URL (``--redis``, ``$KLING_REDIS_URL``), which the command itself only ever shows
+without its user info and query; no argparse error
 echoes a value: an unrecognised argument may be a key after a mistyped option (``--api-kye KEY``)
 or glued to one (``-aKEY``), and an invalid value may be a key given to the wrong option
 (``--mode KEY``), so :func:`scrub_argparse` keeps option names and our own rules only.
@@ -13,10 +15,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
+from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["Redactor", "RedactingStream", "scrub_argparse", "scrub_unrecognized", "secrets_in"]
+__all__ = [
+    "RedactingStream",
+    "Redactor",
+    "scrub_argparse",
+    "scrub_unrecognized",
+    "secrets_in",
+    "url_secrets",
+]
 
 _ENV_SECRETS = ("KLING_API_KEY", "KLING_SECRET_KEY", "KLING_ACCESS_KEY")
+_ENV_URLS = ("KLING_REDIS_URL",)
 _MIN_SECRET = 4
 #: What an option name looks like: letters and single dashes, no digits (keys have them).
 _LONG_OPTION = re.compile(r"--[A-Za-z]+(?:-[A-Za-z]+)*")
@@ -24,14 +35,37 @@ _SHORT_OPTION = re.compile(r"-[A-Za-z]")
 _ARGUMENT = re.compile(r"argument (?P<name>[^:]{1,80}): (?P<rest>.*)", re.DOTALL)
 
 
+def url_secrets(url: str) -> list[str]:
+    """The password of a URL (as written and decoded), from its user info or its query
+    (redis-py reads ``?password=`` too); a URL that cannot be parsed is a secret whole."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return [url]
+    found = []
+    if parts.password:
+        found += [parts.password, unquote(parts.password)]
+    for name, values in parse_qs(parts.query).items():
+        if name.lower() == "password":
+            found += values
+    return found
+
+
 def secrets_in(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
-    """Every key the command line could see: ``--api-key`` values and the key variables."""
+    """Every key the command line could see: ``--api-key`` values and the key variables, and
+    the passwords of ``--redis`` and ``$KLING_REDIS_URL``."""
     found = [environ.get(name, "") for name in _ENV_SECRETS]
+    for name in _ENV_URLS:
+        found += url_secrets(environ.get(name, ""))
     for index, argument in enumerate(argv):
         if argument == "--api-key" and index + 1 < len(argv):
             found.append(argv[index + 1])
         elif argument.startswith("--api-key="):
             found.append(argument.partition("=")[2])
+        elif argument == "--redis" and index + 1 < len(argv):
+            found += url_secrets(argv[index + 1])
+        elif argument.startswith("--redis="):
+            found += url_secrets(argument.partition("=")[2])
     return [secret.strip() for secret in found if len(secret.strip()) >= _MIN_SECRET]
 
 

@@ -46,6 +46,8 @@ ENV_API_KEY: Final = "KLING_API_KEY"
 ENV_ACCESS_KEY: Final = "KLING_ACCESS_KEY"
 ENV_SECRET_KEY: Final = "KLING_SECRET_KEY"  # noqa: S105 (a variable name, not a secret)
 ENV_BASE_URL: Final = "KLING_BASE_URL"
+#: The Redis URL of a batch shared by several machines, when not given with ``--redis``.
+ENV_REDIS_URL: Final = "KLING_REDIS_URL"
 
 __all__ = [
     "EMULATOR_STATE_NAME",
@@ -56,6 +58,7 @@ __all__ = [
     "allowed_hosts",
     "backend_identity",
     "client_arguments",
+    "redacted_redis_url",
     "open_client",
     "settings_from",
 ]
@@ -212,6 +215,15 @@ class BatchSettings:
     retry_failed: bool
     progress: str
     dry_run: bool = False
+    #: ``--redis`` (or ``$KLING_REDIS_URL``): the batch is shared by the machines running it
+    #: (None: this machine alone). It may hold a password: never shown, never written.
+    redis_url: str | None = attrs.field(default=None, repr=False)
+    #: ``--redis-lease``: a machine silent for half of it is taken for dead.
+    redis_lease: float = 30.0
+
+    @property
+    def shared(self) -> bool:
+        return self.redis_url is not None
 
     @property
     def backend(self) -> str:
@@ -221,10 +233,93 @@ class BatchSettings:
         return backend_identity(self.base_url)
 
 
+def redacted_redis_url(url: str) -> str:
+    """``scheme://host[:port][/db]`` (or ``unix://path``): no user, password or query."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _redis_rule(url: str) -> str | None:
+    """Why ``url`` cannot be a Redis URL, in our words (None: it can). No IO."""
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return "it holds spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"it cannot be parsed ({exc})"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "it must start with redis://, rediss:// or unix://"
+    if parts.scheme == "unix":
+        return None if parts.path else "a unix:// URL names the socket's path"
+    if not parts.hostname:
+        return "it names no host"
+    if port == 0:
+        return "port 0 is not a port"
+    database = parts.path.strip("/")
+    if database and not (database.isdigit() and int(database) < 100_000):
+        return "the path is the database number (redis://HOST:PORT/0)"
+    if parts.fragment:
+        return "a Redis URL has no fragment"
+    return None
+
+
+def _redis_url(args: argparse.Namespace) -> str | None:
+    """``--redis`` over ``$KLING_REDIS_URL``, checked (an empty value: not shared)."""
+    given = getattr(args, "redis", None)
+    source = "--redis"
+    if given is None:
+        given, source = os.environ.get(ENV_REDIS_URL), ENV_REDIS_URL
+    url = (given or "").strip()
+    if not url:
+        return None
+    shown = redacted_redis_url(url)
+    where = f" ({shown})" if "://" in shown else ""
+    rule = _redis_rule(url)
+    if rule is None:
+        try:
+            from redis.asyncio.connection import parse_url
+        except ImportError:
+            raise ArgumentError(
+                f"{source}: sharing a batch through Redis needs the redis extra: pip install "
+                '"kling-async[cli,redis]"'
+            ) from None
+        try:
+            parse_url(url)
+        except (ValueError, TypeError) as exc:
+            # redis-py's words name the rule, never the password.
+            rule = f"redis-py refuses it ({exc})"
+    if rule is not None:
+        raise ArgumentError(f"{source}{where} is not a usable Redis URL: {rule}")
+    if args.emulator:
+        raise ArgumentError(
+            f"{source}: --emulator runs an emulator inside this process, which no other "
+            "machine can reach; start one with `kling-async emulator` and pass its URL as "
+            "--base-url instead"
+        )
+    if args.retry_failed:
+        raise ArgumentError(
+            f"{source}: --retry-failed is not available for a batch shared through Redis "
+            "(every machine would need the same new attempts); put the failed rows in a new "
+            "prompt file, which is a new batch"
+        )
+    return url
+
+
 def settings_from(args: argparse.Namespace) -> BatchSettings:
     """Resolve ``batch`` arguments and check them all; raises :class:`ArgumentError`."""
     if args.emulator and (args.api_key or args.base_url):
         raise ArgumentError("--emulator serves its own API: drop --api-key and --base-url")
+    redis_url = _redis_url(args)
     account = None if args.emulator else resolve(args.api_key, args.base_url)
     allowed = allowed_hosts(args.allow_host)
     scale = args.time_scale or (EMULATOR_TIME_SCALE if args.emulator else 1.0)
@@ -258,6 +353,8 @@ def settings_from(args: argparse.Namespace) -> BatchSettings:
         retry_failed=args.retry_failed,
         progress=args.progress,
         dry_run=args.dry_run,
+        redis_url=redis_url,
+        redis_lease=getattr(args, "redis_lease", None) or 30.0,
     )
     _check_client(settings)
     return settings
@@ -309,6 +406,14 @@ def _check_client(settings: BatchSettings) -> None:
         # exc.value is not shown: it may be a URL with user info, or a key.
         option = _OPTION_OF.get(exc.field.partition(".")[0], exc.field)
         raise ArgumentError(f"{option}: {exc.field} {exc.rule}") from None
+    if settings.redis_url is not None:
+        from kling_async.redis import RedisAccount
+
+        try:
+            RedisAccount(settings.redis_url, lease_ttl=settings.redis_lease)
+        except ValidationError as exc:
+            # Not exc.value: the URL may hold a password.
+            raise ArgumentError(f"--redis: {exc.field} {exc.rule}") from None
 
 
 @asynccontextmanager

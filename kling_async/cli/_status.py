@@ -2,7 +2,9 @@
 
 It reads the journal of a finished, killed or running batch (WAL mode lets it read while a
 batch writes) and checks that each done row's file is still there. Errors in the journal came
-from servers: they are escaped, and rows with the same error share one line.
+from servers: they are escaped, and rows with the same error share one line. A batch shared
+through Redis has a journal per machine: this one counts the rows another machine holds as
+``elsewhere`` (as of this machine's last run; Redis is not asked).
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ def show_status(console: Console, out: Path, journal_path: Path) -> int:
         f"journal {journal_path}: batch {meta.get('batch_id', '?')}, {len(rows)} rows, "
         f"prompts {meta.get('prompts', '?')}, backend {meta.get('backend', '?')}"
     )
+    if meta.get("shared") == "redis":
+        say(
+            f"shared through Redis: this is machine {meta.get('machine', '?')}'s journal; "
+            "rows other machines hold are elsewhere (their clips are in their out dirs)"
+        )
     table = Table(show_header=True, header_style="bold", box=None, padding=(0, 2))
     table.add_column("status")
     table.add_column("rows", justify="right")
@@ -80,7 +87,9 @@ def show_status(console: Console, out: Path, journal_path: Path) -> int:
         say(line)
     if len(lines) > _PROBLEM_ROWS:
         say(f"... and {len(lines) - _PROBLEM_ROWS} more lines of errors")
-    unfinished = len(rows) - counts["done"] - counts["failed"] - counts["rejected"]
+    unfinished = (
+        len(rows) - counts["done"] - counts["failed"] - counts["rejected"] - counts["elsewhere"]
+    )
     if unfinished:
         say(f"{unfinished} rows are not finished: rerun the batch command to resume them")
     return 0

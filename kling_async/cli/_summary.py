@@ -4,13 +4,18 @@
 error) and is replaced atomically (a random temporary file, never through a link), so a script
 polling it never reads half a file. In the table, rows that ended the same way for the same
 reason (an account error that stopped every submission, say) share one line.
+
+A batch shared through Redis (``--redis``): each machine's summary is its own out dir's, its
+rows held by another machine marked ``elsewhere`` (with that machine, and how the row ended
+there as far as Redis knows: ``machine``, ``machine_status``), and ``shared`` holds the counts
+of the whole batch as Redis knows them, per machine too.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,15 @@ from ._files import replace_file
 from ._journal import JournalRow
 from ._prompts import PromptRow
 
-__all__ = ["SUMMARY_NAME", "SummaryRow", "build_summary", "render_summary", "write_summary"]
+__all__ = [
+    "SUMMARY_NAME",
+    "SummaryRow",
+    "batch_counts",
+    "build_summary",
+    "render_batch_counts",
+    "render_summary",
+    "write_summary",
+]
 
 SUMMARY_NAME = "summary.json"
 _TABLE_ROWS = 40
@@ -45,6 +58,11 @@ class SummaryRow:
     #: The backend may hold two tasks for this row: its create was sent again after an
     #: outcome no lookup could settle, and the backend may accept a repeated external id.
     possible_duplicate: bool = False
+    #: A shared batch: the machine that holds the row, and (for another machine's) how the
+    #: row ended there as far as Redis knows (None: not yet). Left out of summary.json when
+    #: the batch is not shared.
+    machine: str | None = None
+    machine_status: str | None = None
 
 
 def build_summary(
@@ -53,18 +71,29 @@ def build_summary(
     *,
     changed: Mapping[str, str],
     errored: Mapping[str, str],
+    holders: Mapping[str, tuple[str | None, str | None]] | None = None,
+    machine: str | None = None,
 ) -> list[SummaryRow]:
     """One entry per file row. ``changed``: key -> why it was not sent; ``errored``: key ->
-    the error that stopped the row in this run (a rerun tries it again)."""
+    the error that stopped the row in this run (a rerun tries it again). A shared batch:
+    ``holders`` (key -> the machine holding the row and how it ended there) and this
+    ``machine``; a row another machine holds is ``elsewhere`` unless its clip is here."""
     summary = []
     for row in rows:
         record = journal.get(row.key)
         status = record.status if record is not None else "pending"
         error = record.error if record is not None else None
+        holder, holder_status = (holders or {}).get(row.key, (None, None))
         if row.key in changed:
             status, error = "changed", changed[row.key]
         elif row.key in errored and status not in ("done", "failed", "rejected"):
             status, error = "error", errored[row.key]
+        if holders is not None and status != "done" and holder not in (None, machine):
+            status, error = "elsewhere", None
+        elif status == "elsewhere":  # held by nobody now (its machine left it unfinished)
+            status = "pending"
+        if status != "elsewhere":
+            holder, holder_status = machine, None
         done = record is not None and status == "done"
         summary.append(
             SummaryRow(
@@ -82,9 +111,15 @@ def build_summary(
                 error=None if status == "done" else error,
                 prompt=row.request.prompt,
                 possible_duplicate=record is not None and record.possible_duplicate,
+                machine=holder,
+                machine_status=holder_status,
             )
         )
     return summary
+
+
+def _shown(attribute: attrs.Attribute[Any], value: object) -> bool:
+    return value is not None or attribute.name not in ("machine", "machine_status")
 
 
 def write_summary(path: Path, rows: Sequence[SummaryRow], **meta: Any) -> None:
@@ -92,7 +127,7 @@ def write_summary(path: Path, rows: Sequence[SummaryRow], **meta: Any) -> None:
     payload = {
         **meta,
         "counts": dict(sorted(counts.items())),
-        "rows": [attrs.asdict(row) for row in rows],
+        "rows": [attrs.asdict(row, filter=_shown) for row in rows],
     }
     text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
     replace_file(path, text.encode())
@@ -122,10 +157,13 @@ def _lines(rows: Sequence[SummaryRow]) -> list[list[SummaryRow]]:
     lines: list[list[SummaryRow]] = []
     shared: dict[tuple[str, str], list[SummaryRow]] = {}
     for row in rows:
-        if row.status == "done" or not row.error:
+        if row.status == "elsewhere":
+            key = (row.status, f"{row.machine}: {row.machine_status or 'not finished yet'}")
+        elif row.status == "done" or not row.error:
             lines.append([row])
             continue
-        key = (row.status, row.error)
+        else:
+            key = (row.status, row.error)
         if key not in shared:
             shared[key] = []
             lines.append(shared[key])
@@ -147,7 +185,11 @@ def render_summary(console: Console, rows: Sequence[SummaryRow]) -> None:
         table.add_column("file / error", overflow="fold")
         for group in lines[:_TABLE_ROWS]:
             row = group[0]
-            detail = row.file if row.status == "done" else _short(row.error, 100)
+            detail: str | None
+            if row.status == "elsewhere":
+                detail = f"machine {row.machine}: {row.machine_status or 'not finished yet'}"
+            else:
+                detail = row.file if row.status == "done" else _short(row.error, 100)
             if row.possible_duplicate:
                 detail = f"{detail or ''} (possible duplicate)".strip()
             seconds = f"{row.seconds:.1f}" if row.seconds is not None and len(group) == 1 else ""
@@ -170,3 +212,53 @@ def render_summary(console: Console, rows: Sequence[SummaryRow]) -> None:
                 f"accept a repeated external_task_id; see possible_duplicate in {SUMMARY_NAME}"
             )
         )
+
+
+def batch_counts(holders: Iterable[tuple[str | None, str | None]], machine: str) -> dict[str, Any]:
+    """The whole shared batch as Redis knows it: ``counts`` of rows ``done``, ``failed``,
+    ``rejected`` (ended), ``unfinished`` (held by a machine, not ended) and ``unclaimed``;
+    ``machines``: the ended rows per machine (``here`` is this one)."""
+    counts: Counter[str] = Counter()
+    machines: dict[str, Counter[str]] = {}
+    for holder, final in holders:
+        if final is not None:
+            counts[final] += 1
+            machines.setdefault(holder or "?", Counter())[final] += 1
+        else:
+            counts["unfinished" if holder is not None else "unclaimed"] += 1
+    return {
+        "here": machine,
+        "counts": dict(sorted(counts.items())),
+        "machines": {name: dict(sorted(c.items())) for name, c in sorted(machines.items())},
+    }
+
+
+def render_batch_counts(
+    console: Console,
+    batch_id: str,
+    machine: str,
+    holders: Sequence[tuple[str | None, str | None]] | None,
+) -> None:
+    """``batch 1a2b3c4d5e6f, all machines (as Redis knows): 40 rows: 40 done (21 here, 19
+    by host-b-3f2a1c)``."""
+    if holders is None:
+        console.print(
+            plain(f"batch {batch_id}, all machines: Redis could not say at the end (see status)")
+        )
+        return
+    tally = batch_counts(holders, machine)
+    done_by = {name: c.get("done", 0) for name, c in tally["machines"].items() if c.get("done")}
+    parts = []
+    for status, count in tally["counts"].items():
+        text = f"{count} {status}"
+        if status == "done" and done_by:
+            who = [f"{done_by.pop(machine)} here"] if machine in done_by else []
+            who += [f"{n} by {name}" for name, n in done_by.items()]
+            text += f" ({', '.join(who)})"
+        parts.append(text)
+    console.print(
+        plain(
+            f"batch {batch_id}, all machines (as Redis knows): {len(holders)} rows: "
+            + ", ".join(parts)
+        )
+    )
