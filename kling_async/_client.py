@@ -342,6 +342,7 @@ class KlingClient:
                     fingerprint=_fingerprint(self.base_url, self._auth.secrets()[0]),
                     max_active_tasks=max_active_tasks,
                     max_requests_per_second=max_requests_per_second,
+                    max_concurrent_submits=max_concurrent_submits,
                     poll=self.poll,
                     retry=self.retry,
                 )

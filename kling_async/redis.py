@@ -76,7 +76,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS: slots, slot_owner, inflight, learn, fatal, owner, workers
-# ARGV: job, me, lease_ms, ceiling (0: unknown)
+# ARGV: job, me, lease_ms, ceiling (0: unknown), creates in flight while the limit is unknown
 _ACQUIRE: Final = (
     _NOW_MS
     + """
@@ -102,6 +102,12 @@ local active = redis.call('ZCARD', KEYS[1])
 local nb = tonumber(redis.call('HGET', KEYS[4], 'not_before') or '0')
 if nb > now then return {'wait', nb - now, active, limit} end
 if limit > 0 and active >= limit then return {'wait', 0, active, limit} end
+-- While the limit is unknown (no 1303 yet, no ceiling given), the account has as many
+-- creates in flight as one client would: every one past the limit costs a 1303, and many
+-- workers' creates crossing it at once would cost one each.
+if limit == 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then
+  return {'wait', 0, active, limit}
+end
 local expiry = now + tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], expiry, ARGV[1])
 redis.call('ZADD', KEYS[3], expiry, ARGV[1])
@@ -597,7 +603,7 @@ class _Slots:
                         keys.owner,
                         keys.workers,
                     ],
-                    args=[job_id, b.worker, b.lease_ms, ceiling],
+                    args=[job_id, b.worker, b.lease_ms, ceiling, b.settings.max_concurrent_submits],
                 )
             except RedisError as exc:
                 await b.outage.failed("submission waits for it", exc)
@@ -637,8 +643,8 @@ class _Slots:
         b.ops.add("a slot's lease", op)
 
     def answered(self, job_id: str, outcome: ka.CreateOutcome) -> None:
-        if outcome == "landed":
-            return  # the slot stays held, nothing is learned
+        # "landed": the slot stays held and nothing is learned; the create is no longer in
+        # flight, which the script records.
         b = self._b
         if outcome in ("refused", "failed"):
             self.held.discard(job_id)

@@ -45,7 +45,8 @@ class AccountSettings:
     ``fingerprint`` names the credentials without holding them (a short SHA-256 of the key's
     public part): clients with the same credentials share one account unless the account
     object names its own. The rest are the client's own settings: its slot ceiling
-    (``max_active_tasks``, None while unknown), its request rate, its poll and retry policies.
+    (``max_active_tasks``, None while unknown), its request rate, its poll and retry policies,
+    and its creates in flight (which the account keeps to while its limit is unknown).
     """
 
     fingerprint: str
@@ -53,6 +54,7 @@ class AccountSettings:
     max_requests_per_second: float | None
     poll: PollPolicy
     retry: RetryPolicy
+    max_concurrent_submits: int = 4
 
 
 @runtime_checkable
