@@ -55,6 +55,8 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
+from redis.exceptions import AuthorizationError as RedisAuthorizationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -84,16 +86,19 @@ local fatal = redis.call('GET', KEYS[5])
 if fatal then return {'fatal', fatal} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-local owner = redis.call('HGET', KEYS[2], ARGV[1])
-if owner and owner ~= ARGV[2] and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  return {'taken', owner}
-end
--- The job's owner decides, not only the slot's: a worker taken for dead that does not know
--- it yet must not lease a slot for a job another (registered) worker adopted, or the slot
+-- The job's owner decides, not the slot's: a worker taken for dead that does not know it
+-- yet must not lease a slot for a job another (registered) worker adopted, or the slot
 -- owner it writes makes the adopter give the job up too, and nobody follows it.
-owner = redis.call('HGET', KEYS[6], ARGV[1])
+local owner = redis.call('HGET', KEYS[6], ARGV[1])
 if owner and owner ~= ARGV[2] and redis.call('ZSCORE', KEYS[7], owner) then
   return {'taken', owner}
+end
+-- Two clients given one new job id: the one whose record lands first owns it; until then
+-- the other waits for the slot the first holds (giving up its job on the slot alone could
+-- make both give it up, each for the other's reason).
+local holder = redis.call('HGET', KEYS[2], ARGV[1])
+if holder and holder ~= ARGV[2] and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return {'wait', 0, redis.call('ZCARD', KEYS[1]), 0}
 end
 local ceiling = tonumber(ARGV[4])
 local limit = tonumber(redis.call('HGET', KEYS[4], 'limit') or '0')
@@ -338,10 +343,18 @@ return skipped
 
 def _redacted(url: str) -> str:
     """The Redis URL without its password (for reprs and log lines)."""
-    parts = urlsplit(url)
-    host = parts.hostname or parts.path or "?"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path if parts.hostname else ''}"
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # a port that is not a number: nothing of it is shown
+        return "<a URL that does not parse>"
+    if parts.scheme == "unix":
+        # A socket's path; userinfo (``unix://:pw@/path``) is cut off, never shown.
+        return f"unix://{parts.path.rsplit('@', 1)[-1]}"
+    if not parts.hostname:
+        # Without a host the rest (credentials included) would be read as a path: not shown.
+        return f"{parts.scheme or '?'}://?"
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
 def _why(exc: BaseException) -> str:
@@ -571,6 +584,10 @@ class _Slots:
         self._changed = anyio.Event()
         self._rng = random.Random()
         self._asking = anyio.Lock()
+        #: The job waiting for a slot now, and those of them another client owns now (the
+        #: wait ends: the submitter sees the replica).
+        self.waiting: set[str] = set()
+        self.gone: set[str] = set()
 
     def wake(self) -> None:
         self._changed.set()
@@ -584,7 +601,12 @@ class _Slots:
         # One create worker of this client asks the account at a time: a release wakes one
         # script call per client, not one per create worker (which all but one would lose).
         async with self._asking:
-            await self._acquire(job_id)
+            self.waiting.add(job_id)
+            try:
+                await self._acquire(job_id)
+            finally:
+                self.waiting.discard(job_id)
+                self.gone.discard(job_id)
 
     async def _acquire(self, job_id: str) -> None:
         b = self._b
@@ -592,6 +614,8 @@ class _Slots:
         ceiling = b.settings.max_active_tasks or 0
         while True:
             changed = self._changed
+            if job_id in self.gone:
+                return  # its owner is another client: the submitter sees the replica
             try:
                 answer = await b.script(_ACQUIRE)(
                     keys=[
@@ -913,20 +937,37 @@ class _Binding:
             health_check_interval=10,
         )
         deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                await self._redis.ping()
-                await self._redis.set(self.keys.epoch, self._epoch, nx=True)
-                self._epoch = await self._redis.get(self.keys.epoch) or self._epoch
-                break
-            except RedisError as exc:
-                if time.monotonic() > deadline:
-                    await self._redis.aclose()
+        try:
+            while True:
+                try:
+                    await self._redis.ping()
+                    await self._redis.set(self.keys.epoch, self._epoch, nx=True)
+                    self._epoch = await self._redis.get(self.keys.epoch) or self._epoch
+                    break
+                except (RedisAuthenticationError, RedisAuthorizationError) as exc:
                     raise ka.JobStoreError(
-                        f"Redis at {self.account.url} is unreachable ({_why(exc)}); "
-                        "start it, or check the URL"
+                        f"Redis at {self.account.url} refused this client ({_why(exc)}); "
+                        "check the URL's password and the user's permissions"
                     ) from None
-                await anyio.sleep(0.25)
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    if time.monotonic() > deadline:
+                        raise ka.JobStoreError(
+                            f"Redis at {self.account.url} is unreachable ({_why(exc)}); "
+                            "start it, or check the URL"
+                        ) from None
+                    await anyio.sleep(0.25)
+                except RedisError as exc:
+                    # It answered, and refused (a wrong password, no permission): waiting
+                    # cannot help.
+                    raise ka.JobStoreError(
+                        f"Redis at {self.account.url} refused this client ({_why(exc)}); "
+                        "check the URL's password and the user's permissions"
+                    ) from None
+        except BaseException:
+            with anyio.move_on_after(2.0, shield=True):
+                await self._redis.aclose()
+            self._redis = None
+            raise
         return self
 
     async def __aexit__(
@@ -1021,6 +1062,9 @@ class _Binding:
     def disowned(self, job_ids: Sequence[str]) -> None:
         for job_id in job_ids:
             self._slots.held.discard(job_id)
+            if job_id in self._slots.waiting:
+                self._slots.gone.add(job_id)
+        self._slots.wake()
         if self._member is None:
             self._pending_disowned += list(job_ids)
         else:
