@@ -54,6 +54,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import attrs
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import AuthorizationError as RedisAuthorizationError
@@ -799,9 +800,11 @@ class _Store:
 
     def __init__(self, binding: _Binding) -> None:
         self._b = binding
-        #: A digest of each job's record as last written, but for its ``updated_at``: a poll
-        #: that saw nothing new is not written, nor replayed by every other client.
-        self._written: dict[str, int] = {}
+        #: Each job's record as last written, but for its ``updated_at``: a poll that saw
+        #: nothing new is not written, nor replayed by every other client. Compared as
+        #: frozen attrs values (no encoding on the path of every unchanged poll); they share
+        #: the request and task objects the jobs hold already.
+        self._written: dict[str, ka.JobRecord] = {}
 
     def forget(self) -> None:
         """Redis lost what was written: the next save writes every record again."""
@@ -811,21 +814,20 @@ class _Store:
         b = self._b
         keys = [b.keys.index, b.keys.owner, b.keys.mine, b.keys.changes, b.keys.workers]
         args: list[Any] = [b.worker, int(b.account.finished_ttl), b.account.changes_kept]
-        digests: dict[str, int] = {}
+        fresh: dict[str, ka.JobRecord] = {}
         for record in records:
-            data = record.to_dict()
-            digest = hash(json.dumps({**data, "updated_at": None}, sort_keys=True))
+            digest = attrs.evolve(record, updated_at=0.0)
             if self._written.get(record.id) == digest:
                 continue
-            digests[record.id] = digest
+            fresh[record.id] = digest
             keys.append(b.keys.job(record.id))
             args += [
                 record.id,
-                json.dumps(data, separators=(",", ":")),
+                json.dumps(record.to_dict(), separators=(",", ":")),
                 int(record.finished),
                 record.created_at,
             ]
-        if not digests:
+        if not fresh:
             return
         while True:
             try:
@@ -844,7 +846,7 @@ class _Store:
                 ) from None
             b.outage.ok()
             break
-        for job_id, digest in digests.items():
+        for job_id, digest in fresh.items():
             if job_id not in skipped:
                 self._written[job_id] = digest
         if skipped:

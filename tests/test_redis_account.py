@@ -222,3 +222,24 @@ def test_a_url_without_a_host_is_refused(url: str) -> None:
     with pytest.raises(ka.ValidationError, match="with a host") as caught:
         RedisAccount(url)
     assert "pw" not in str(caught.value)
+
+
+async def test_a_poll_that_saw_nothing_new_is_not_written(server: RedisServer) -> None:
+    """Every other client replays each record written: only changes are written."""
+    import redis as redis_sync
+
+    async with Emulator(time_scale=SCALE, seed=6, median_duration=400.0) as emu:
+        async with client_for(emu, account=account(server)) as a:
+            jobs = a.submit_many(requests(3))
+            with anyio.fail_after(60):
+                for job in jobs:
+                    await job.wait()
+            polls = a.stats.polls
+    dump: Any = redis_sync.Redis.from_url(server.url)
+    [changes] = list(dump.scan_iter("*changes"))
+    written = dump.xlen(changes)
+    dump.close()
+    assert polls >= 3 * 8  # many polls saw the same status
+    # queued, submitting, submitted, a fresher snapshot, processing, succeed; the last may be
+    # written again by the close when the write in flight was cancelled after it landed.
+    assert written <= 3 * 7
