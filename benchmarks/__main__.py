@@ -1,7 +1,7 @@
-"""`python -m benchmarks [polling|scale|hardening|decode|callbacks|workers ...] [--tasks N] ...`.
+"""`python -m benchmarks [polling|scale|pool|hardening|decode|callbacks|workers ...] [--tasks N]`.
 
-With no suite named, polling, scale, hardening and decode run; callbacks and workers are opt-in
-(callbacks serves a FastAPI app per contender, workers runs worker processes sharing one
+With no suite named, polling, scale, pool, hardening and decode run; callbacks and workers are
+opt-in (callbacks serves a FastAPI app per contender, workers runs worker processes sharing one
 account through a redis-server; each takes a few minutes, see ``benchmarks/callbacks.py`` and
 ``benchmarks/workers.py``).
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import callbacks, decode, hardening, polling, scale, workers
+from . import callbacks, decode, hardening, polling, pool, scale, workers
 
-SUITES = ("polling", "scale", "hardening", "decode", "callbacks", "workers")
-DEFAULT_SUITES = ("polling", "scale", "hardening", "decode")
+SUITES = ("polling", "scale", "pool", "hardening", "decode", "callbacks", "workers")
+DEFAULT_SUITES = ("polling", "scale", "pool", "hardening", "decode")
 
 
 def main() -> None:
@@ -57,6 +57,8 @@ def main() -> None:
         polling.run(workload, args.contender)
     if "scale" in suites:
         scale.run(args.sizes)
+    if "pool" in suites:
+        pool.run()
     if "hardening" in suites:
         hardening.run(args.case)
     if "decode" in suites:

@@ -58,7 +58,7 @@ import kling_async.fastapi as kf
 from kling_async.engine.tracker import Entry
 
 from ._harness import EmulatorProcess
-from .polling import API_ROUTES, Run, Workload, _cpu, _percentile, _run
+from .polling import API_ROUTES, Run, Workload, _cpu, _percentile, _run, oracle_makespan
 
 #: See the module docstring: loopback costs read as 1/time_scale emulated seconds.
 DEFAULT_TIME_SCALE = 0.05
@@ -224,6 +224,7 @@ def _report(
         "lag_max_ms": max(lags) * ms,
         "makespan_s": makespan,
         "makespan_ratio": makespan / bound,
+        "makespan_over_oracle": makespan / oracle_makespan(list(truth.values()), w.slots),
         "callbacks_per_task": routes.get("callback_sent", 0) / n,
         "callbacks_failed": stats["callbacks_failed"],
         "cpu_user_ms_per_task": run.cpu_user / n * 1e3,

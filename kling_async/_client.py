@@ -63,7 +63,7 @@ class ClientStats:
     sweeps: int  # list sweeps by the poller pool
     submitted: int  # tasks created by the submitter
     rejected: int  # jobs that ended without a task (refused, ambiguous, unreachable)
-    concurrency_limited: int  # 1303 answers the submitter met
+    concurrency_limited: int  # 1303 answers the submitter met (slot probes' included)
     queued: int  # jobs waiting to be submitted
     active: int  # Kling slots held: creates in flight and tasks not yet ended
     active_limit: float  # the slot limit as learned so far (inf while unknown)
@@ -74,6 +74,10 @@ class ClientStats:
     api_requests: int = 0
     file_requests: int = 0
     retries_refused: int = 0  # retries the client-wide retry budget did not allow
+    #: Creates sent past the limit while jobs waited (``PollPolicy.probe_interval``), and
+    #: how many of them the account refused (1303: nothing created).
+    slot_probes: int = 0
+    slot_probes_refused: int = 0
     #: While the API host refuses every connect: what the last attempt said, and for how
     #: many seconds it has been so (None and 0.0 once a request gets through).
     connection_error: str | None = None
@@ -375,7 +379,12 @@ class KlingClient:
         self._hub = EventHub()
         # A probe at least every 20 max intervals (20 minutes by default) while jobs wait.
         self._slots: SlotLimiter = slot_limiter or AdaptiveLimit(
-            max_active_tasks, retry=self.retry, probe_period=20 * self.poll.max_interval
+            max_active_tasks,
+            retry=self.retry,
+            probe_period=20 * self.poll.max_interval,
+            probe_interval=self.poll.probe_interval,
+            unnoticed_ends=lambda since: self._tracker.unnoticed_ends(since),
+            probe_debt_limit=2 * self.poll.max_interval,  # any end is seen within one
         )
         self._store, self._owns_store = _job_store(store)
         self._tracker = Tracker(
@@ -666,6 +675,8 @@ class KlingClient:
             submitted=self._submitter.stats.submitted,
             rejected=self._submitter.stats.rejected,
             concurrency_limited=getattr(slots, "concurrency_limited", 0),
+            slot_probes=getattr(slots, "slot_probes", 0),
+            slot_probes_refused=getattr(slots, "slot_probes_refused", 0),
             queued=self._submitter.queued,
             active=slots.active,
             active_limit=slots.limit,

@@ -116,8 +116,45 @@ def error_message(error: BaseException) -> str:
     return error.message if isinstance(error, RestoredError) else str(error)
 
 
+class _Clock:
+    """Wall-clock instants to the millisecond, one float for all the jobs of one burst.
+
+    A job keeps when it was made and when it last changed for the client's whole life, and
+    jobs are made and changed in bursts (a ``submit_many``, the 500 tasks of a list page): a
+    reading within a millisecond of the last one gives that one back, the same float, so a
+    burst shares one where each job would hold its own (24 bytes, times two, per job). A
+    clock that steps back is read afresh.
+    """
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def now(self) -> float:
+        now = time.time()
+        last = self.last
+        if 0.0 <= now - last < 0.001:
+            return last
+        self.last = now
+        return now
+
+
+_clock = _Clock()
+
+
 def _utc(seconds: float | None) -> datetime | None:
     return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+class _Untold:
+    """The state of a job that follows a task created elsewhere, before its first snapshot:
+    it was never queued here, so ``updates()`` has nothing to start with."""
+
+    __slots__ = ()
+
+
+_UNTOLD = _Untold()
 
 
 class Job:
@@ -131,16 +168,18 @@ class Job:
     (:meth:`KlingClient.submit`, :meth:`KlingClient.track`), never directly.
     """
 
+    # A job is kept for the client's life, so it holds little: timestamps as floats (the
+    # datetimes are made when read), the end as the last update of an ended job, the task
+    # of its last change instead of the event (made again when ``updates()`` starts), and
+    # one list for whatever waits on it.
     __slots__ = (
-        "_done_callbacks",
-        "_ended",
         "_engine",
-        "_feeds",
         "_hub",
-        "_last",
         "_made",
         "_status",
+        "_told",
         "_updated",
+        "_waiting",
         "error",
         "external_task_id",
         "id",
@@ -173,15 +212,14 @@ class Job:
         #: repeated external_task_id. ``task`` is the one this job follows.
         self.possible_duplicate = False
         self._status = JobStatus.QUEUED
-        self._feeds: list[_Feed[JobEvent]] | None = None
-        self._done_callbacks: list[Callable[[Job], None]] | None = None
+        #: The feeds of ``updates()`` and ``wait()`` (pushed every change) and the callbacks
+        #: of ``as_completed()`` (called at the end), or None while nothing waits.
+        self._waiting: list[_Feed[JobEvent] | Callable[[Job], None]] | None = None
         #: The engine's own record of this job (schedule, slot, create state): not public.
         self._engine = engine
-        self._made = self._updated = time.time()
-        self._ended: float | None = None
-        #: The state ``updates()`` starts with. A job that follows a task created elsewhere
-        #: has none until its first snapshot (it never was queued here).
-        self._last: JobEvent | None = JobEvent(self, None, JobStatus.QUEUED) if announce else None
+        self._made = self._updated = _clock.now()
+        #: The task of the state ``updates()`` starts with (see ``_last``).
+        self._told: Task | _Untold | None = None if announce else _UNTOLD
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, task_id={self.task_id!r}, status={self._status.value!r})"
@@ -213,6 +251,21 @@ class Job:
         """When this client saw the job end, UTC (None while it runs)."""
         return _utc(self._ended)
 
+    @property
+    def _ended(self) -> float | None:
+        # An ended job never changes again: its last update is its end.
+        return self._updated if self._status.is_terminal else None
+
+    @property
+    def _last(self) -> JobEvent | None:
+        """The state ``updates()`` starts with: the last change, as an event. None for a job
+        that follows a task created elsewhere, until its first snapshot (it never was queued
+        here)."""
+        told = self._told
+        if isinstance(told, _Untold):
+            return None
+        return JobEvent(self, told, self._status, self.error)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready snapshot of the job, for web apps and logs: ids, status, the request
         and the latest task (through the one converter), the error's type and message (free
@@ -243,40 +296,48 @@ class Job:
         self._status = status
         self._made = made or self._made
         self._updated = updated or self._updated
-        if status.is_terminal:
-            self._ended = self._updated
-        self._last = JobEvent(self, self.task, status, self.error)
+        self._told = self.task
 
     def _change(self, status: JobStatus, task: Task | None, *, at: float | None = None) -> None:
         """Move to ``status`` and announce it (to ``updates()``, ``events()`` and, at the
         end, to ``wait()`` and ``as_completed()``)."""
         self._status = status
-        self._updated = time.time() if at is None else at
-        if status.is_terminal:
-            self._ended = self._updated
-        event = self._last = JobEvent(self, task, status, self.error)
-        for feed in self._feeds or ():
-            feed.push(event)
-        self._hub.publish(event)
+        self._updated = _clock.now() if at is None else at
+        self._told = task
+        waiting, hub = self._waiting, self._hub
+        if waiting or hub._subscribers:  # an event only for someone to see it
+            event = JobEvent(self, task, status, self.error)
+            for feed in waiting or ():
+                if isinstance(feed, _Feed):
+                    feed.push(event)
+            hub.publish(event)
         if status.is_terminal:
             self._settle()
 
     def _settle(self) -> None:
-        for feed in self._feeds or ():
-            feed.close()
-        callbacks, self._done_callbacks = self._done_callbacks, None
-        for callback in callbacks or ():
-            callback(self)
+        waiting, self._waiting = self._waiting, None
+        for feed in waiting or ():
+            if isinstance(feed, _Feed):
+                feed.close()
+        for callback in waiting or ():
+            if not isinstance(callback, _Feed):
+                callback(self)
 
     def _on_done(self, callback: Callable[[Job], None]) -> None:
         if self.done:
             callback(self)
         else:
-            self._done_callbacks = [*(self._done_callbacks or ()), callback]
+            self._waiting = [*(self._waiting or ()), callback]
 
     def _remove_done_callback(self, callback: Callable[[Job], None]) -> None:
-        if self._done_callbacks and callback in self._done_callbacks:
-            self._done_callbacks.remove(callback)
+        self._forget(callback)
+
+    def _forget(self, waiter: _Feed[JobEvent] | Callable[[Job], None]) -> None:
+        waiting = self._waiting
+        if waiting and waiter in waiting:
+            waiting.remove(waiter)
+            if not waiting:
+                self._waiting = None
 
     # --- consumers ---------------------------------------------------------------------------
 
@@ -307,14 +368,11 @@ class Job:
         return self.result()
 
     def _attach(self, feed: _Feed[JobEvent]) -> None:
-        self._feeds = [*(self._feeds or ()), feed]
+        self._waiting = [*(self._waiting or ()), feed]
         self._hub.listening.add(feed)
 
     def _detach(self, feed: _Feed[JobEvent]) -> None:
-        if self._feeds and feed in self._feeds:
-            self._feeds.remove(feed)
-            if not self._feeds:
-                self._feeds = None
+        self._forget(feed)
         self._hub.listening.discard(feed)
 
     def updates(self) -> AsyncIterator[JobEvent]:
@@ -323,8 +381,9 @@ class Job:
         Listening starts at the call, so no change between the call and the first iteration
         is missed."""
         feed: _Feed[JobEvent] = _Feed()
-        if self._last is not None:
-            feed.items.append(self._last)
+        last = self._last
+        if last is not None:
+            feed.items.append(last)
         if self.done or self._hub.closed:
             feed.close()
         else:

@@ -11,17 +11,18 @@ page) can stand in for hundreds of single GETs.
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import heapq
-import itertools
 import logging
 import math
 import random
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from kling_async._errors import (
     AccountError,
@@ -37,6 +38,7 @@ from kling_async.protocol.poll import PollPolicy
 if TYPE_CHECKING:
     from kling_async.engine.jobs import Job
     from kling_async.engine.tracker import Entry, Tracker
+    from kling_async.protocol.models import Task
 
 __all__ = ["PollerPool"]
 
@@ -53,6 +55,28 @@ _FAILURES_ALLOWED = 10
 _FAILING_INTERVALS = 10
 #: Tasks of a list page applied between two yields to the event loop.
 _YIELD_EVERY = 100
+#: A poll due this soon counts as due: a timer may fire a hair early (the loop's clock
+#: resolution; uvloop's clock counts milliseconds), and waiting out the rest would cost one
+#: more turn of the loop for nothing.
+_DUE_WITHIN = 0.001
+
+
+#: Superseded heap items dropped in one go, at most.
+_DROPS_PER_TURN = 2000
+
+
+class _Turn(enum.Enum):
+    AGAIN = "again"  # see ``PollerPool._take``
+
+
+class _Idle:
+    """A poller with nothing to do: woken with a poll handed to it (or to look again)."""
+
+    __slots__ = ("event", "item")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.item: tuple[Entry, int] | None = None
 
 
 class PollerPool:
@@ -62,8 +86,18 @@ class PollerPool:
     tracker (:meth:`Tracker.snapshot`, :meth:`Tracker.fail`), which owns the job's state.
     """
 
-    # The heap holds (due, sequence, token, entry); an item whose token is no longer the
-    # entry's was superseded by a later schedule and is skipped when it comes up.
+    # The heap holds (due, token, entry); an item whose token is no longer the entry's was
+    # superseded by a later schedule and is skipped when it comes up. (Entries order among
+    # themselves, so two items due at the same instant with the same token never fail to
+    # compare.)
+    #
+    # Pollers take due items themselves: one that finishes a poll takes the next due one
+    # at once, and one with nothing due waits in ``_idle``. One timer (the event loop's
+    # own, ``_timer``) is armed for the heap's head while some poller waits, and re-armed
+    # only when an earlier item becomes the head; when it fires, due items are handed to
+    # waiting pollers directly. So a due poll costs the loop what a sleep does (the timer's
+    # turn, then the poller's), not a cancel scope and a rendezvous each, and a busy pool
+    # leaves due polls in the heap instead of piling them up.
 
     def __init__(
         self,
@@ -82,13 +116,23 @@ class PollerPool:
         self._list_sweep = list_sweep
         self._sweep_threshold = sweep_threshold
         self._rng = rng or random.Random()
-        self._heap: list[tuple[float, int, int, Entry]] = []
-        self._seq = itertools.count()
-        self._wakeup = anyio.Event()
+        self._heap: list[tuple[float, int, Entry]] = []
+        self._idle: deque[_Idle] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self._sweeping: anyio.Event | None = None
         self._last_sweep = -math.inf
+        #: Sweeps are numbered; an entry keeps the number of the last one that saw its task
+        #: (``Entry.swept``), which costs each a slot, not a place in two sets per sweep.
+        self._sweep_number = 0
         #: Tasks the last sweep looked for and did not find: they are polled one by one.
         self._missed_by_sweep: set[str] = set()
+        #: Each page of the last sweep: its answer's fingerprint and the tasks it gave, so
+        #: an unchanged page is neither parsed nor structured again (see ``list_page``).
+        self._pages: dict[int, tuple[int, list[Task]]] = {}
+        #: Only a real task resource gives answers' fingerprints (a stand-in may only ``get``).
+        self._remembers = isinstance(resource, TaskResource)
         self._sweep_failures = 0
         self._sweeps_paused_until = -math.inf
         self.polls = 0
@@ -103,6 +147,8 @@ class PollerPool:
     def follow(self, entry: Entry, *, poll_now: bool = False) -> None:
         """Put a newly followed job on the schedule (its first poll from its class's plan, or
         the safety net while callbacks come for tasks like it)."""
+        if self._sweeping is not None:
+            entry.swept = -self._sweep_number  # followed during a sweep: not looked for
         if poll_now:
             self.poll_now(entry)
         elif self._tracker.pushes(entry):
@@ -169,64 +215,140 @@ class PollerPool:
         return self.policy.safety_interval * self._rng.uniform(1 - jitter, 1)
 
     def _schedule(self, entry: Entry, due: float, *, pinned: bool = False) -> None:
-        entry.poll_token += 1
+        entry.poll_token = token = entry.poll_token + 1
         entry.due = due
         entry.pinned = pinned
-        was_first = not self._heap or due < self._heap[0][0]
-        heapq.heappush(self._heap, (due, next(self._seq), entry.poll_token, entry))
-        if was_first:
-            self._wakeup.set()
+        heapq.heappush(self._heap, (due, token, entry))
+        if self._idle and due < self._timer_at:
+            self._release()  # a new head while pollers wait: hand it over, or re-arm
 
-    async def _sleep(self, seconds: float | None) -> None:
-        event = self._wakeup
-        with anyio.move_on_after(seconds):
-            await event.wait()
-        if event.is_set() and self._wakeup is event:
-            self._wakeup = anyio.Event()
+    # --- handing due polls to pollers ------------------------------------------------------
+
+    def _drop_superseded(self) -> bool:
+        """Drop superseded items off the heap's head; False if there were so many that the
+        rest must wait for the next turn of the loop (a sweep that rescheduled 100,000
+        tasks leaves as many items behind, all due)."""
+        heap = self._heap
+        for _ in range(_DROPS_PER_TURN):
+            if not heap:
+                return True
+            _, token, entry = heap[0]
+            if token == entry.poll_token and not entry.job.done:
+                return True
+            heapq.heappop(heap)
+        return False
+
+    def _take(self) -> tuple[Entry, int] | _Turn | None:
+        """The next due poll still meant, None if none is due, or ``_Turn.AGAIN`` to look
+        again after letting others run."""
+        if not self._drop_superseded():
+            return _Turn.AGAIN
+        heap = self._heap
+        if heap and heap[0][0] <= time.monotonic() + _DUE_WITHIN:
+            _, token, entry = heapq.heappop(heap)
+            return entry, token
+        return None
+
+    def _release(self) -> None:
+        """Hand due polls to waiting pollers, one each; then arm the timer for the next."""
+        idle = self._idle
+        while idle:
+            item = self._take()
+            if item is None or item is _Turn.AGAIN:
+                break
+            poller = idle.popleft()
+            poller.item = item
+            poller.event.set()
+        self._arm()
+
+    def _arm(self) -> None:
+        """Arm the one timer for the heap's head, if some poller waits and the timer is not
+        armed for that instant or an earlier one (a timer that fires early just re-arms)."""
+        if not self._idle or self._loop is None:
+            return
+        heap = self._heap
+        if not self._drop_superseded():
+            head = -math.inf  # more to drop: at the next turn
+        elif heap:
+            head = heap[0][0]
+        else:
+            return
+        if head >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = head
+        self._timer = self._loop.call_later(max(0.0, head - time.monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        self._release()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = math.inf
 
     # --- the workers -----------------------------------------------------------------------
 
     async def run(self, workers: int) -> None:
-        """Serve the schedule: one dispatcher sleeps until the next poll is due and hands it
-        to the first free of ``workers`` pollers, so a schedule change wakes one coroutine,
-        not all of them, and a busy pool holds due polls back instead of piling them up."""
-        send, receive = anyio.create_memory_object_stream["tuple[Entry, int]"](0)
-        async with anyio.create_task_group() as tg, send, receive:
-            for _ in range(workers):
-                tg.start_soon(self._work, receive.clone(), name="kling-poller")
-            await self._dispatch(send)
+        """Serve the schedule with ``workers`` pollers (see the class comment): each takes
+        the next due poll itself, or waits to be handed one when the timer fires, so a
+        schedule change wakes one coroutine, not all of them, and a busy pool holds due
+        polls back instead of piling them up (at most ``workers`` in flight)."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(workers):
+                    tg.start_soon(self._work, name="kling-poller")
+        finally:
+            self._disarm()
+            self._idle.clear()
+            self._loop = None
 
-    async def _dispatch(self, send: MemoryObjectSendStream[tuple[Entry, int]]) -> None:
-        heap = self._heap
+    async def _work(self) -> None:
+        me = _Idle()
+        streak = 0  # polls taken in a row without waiting
         while True:
-            if not heap:
-                await self._sleep(None)
+            item = self._take()
+            if item is _Turn.AGAIN:
+                await anyio.lowlevel.checkpoint()
                 continue
-            due, _, token, entry = heap[0]
-            delay = due - time.monotonic()
-            if delay > 0:
-                await self._sleep(delay)
-                continue
-            heapq.heappop(heap)
-            if token == entry.poll_token and not entry.job.done:
-                await send.send((entry, token))
-
-    async def _work(self, receive: MemoryObjectReceiveStream[tuple[Entry, int]]) -> None:
-        async with receive:
-            async for entry, token in receive:
-                if self._sweeping is not None:
-                    # A sweep in flight is about to look at this task too; see what it finds.
-                    await self._sweeping.wait()
-                if token != entry.poll_token or entry.job.done:
-                    continue
+            if item is not None:
+                streak += 1
+                if streak % _YIELD_EVERY == 0:
+                    # Many due at once (100,000 tracked, a sweep putting them off): most
+                    # are served without a request, so let others run now and then.
+                    await anyio.lowlevel.checkpoint()
+            else:
+                streak = 0
+                self._idle.append(me)
+                self._arm()
                 try:
-                    await self._serve(entry)
-                except Exception:
-                    # A bug must not take every other task down with it: log it loudly and
-                    # keep following this task, more slowly.
-                    log.exception("following task %s failed unexpectedly", entry.job.task_id)
-                    if not entry.job.done:
-                        self._schedule(entry, time.monotonic() + self.policy.max_interval)
+                    await me.event.wait()
+                finally:
+                    if me.item is None and me in self._idle:
+                        self._idle.remove(me)  # cancelled while waiting
+                me.event = anyio.Event()
+                item, me.item = me.item, None
+                if item is None:
+                    continue
+            entry, token = item
+            if self._sweeping is not None:
+                # A sweep in flight is about to look at this task too; see what it finds.
+                await self._sweeping.wait()
+            if token != entry.poll_token or entry.job.done:
+                continue
+            try:
+                await self._serve(entry)
+            except Exception:
+                # A bug must not take every other task down with it: log it loudly and
+                # keep following this task, more slowly.
+                log.exception("following task %s failed unexpectedly", entry.job.task_id)
+                if not entry.job.done:
+                    self._schedule(entry, time.monotonic() + self.policy.max_interval)
 
     async def _serve(self, entry: Entry) -> None:
         if not self._sweeping_on() or entry.job.task_id in self._missed_by_sweep:
@@ -250,14 +372,19 @@ class PollerPool:
         self.polls += 1
         entry.unconfirmed = False  # what this poll sees answers every hint before it
         try:
-            task = await self._resource.get(job.task_id)
+            if self._remembers:
+                task, entry.answer_hash = await self._resource.poll(
+                    job.task_id, entry.answer_hash, entry.answer
+                )
+                entry.answer = task
+            else:
+                task = await self._resource.get(job.task_id)
         except KlingError as exc:
             if self.following.get(job.task_id) is not job:
                 return  # no longer this job's to follow (it ended, or another took the task)
             self._poll_failed(entry, exc)
             return
-        entry.not_found = entry.failures = 0
-        entry.failing_since = None
+        entry.clear_failures()
         self._tracker.snapshot(job, task, time.monotonic())
 
     def _poll_failed(self, entry: Entry, error: KlingError) -> None:
@@ -303,26 +430,54 @@ class PollerPool:
         one, and never past the API's last page number.
         """
         self._sweeping = sweeping = anyio.Event()
-        wanted = set(self.following)
-        seen: set[str] = set()
-        missing = len(wanted)
+        self._sweep_number = number = self._sweep_number + 1
+        following = self.following
+        entry_of = self._tracker.entry
+        # The sweep looks for the tasks followed now; one followed meanwhile is applied if
+        # a page shows it, but not looked for (``follow`` marks it -number). An entry seen
+        # is marked ``number``, so a task a page shift shows twice is applied once.
+        wanted = len(following)
+        seen = 0  # wanted tasks seen
+
+        def held(task_id: str) -> str | None:
+            job = following.get(task_id)
+            return None if job is None else job.task_id
+
         try:
             for page in range(1, _MAX_PAGE + 1):
-                tasks = await self._resource.list(page=page, page_size=_PAGE_SIZE)
+                known, last = self._pages.get(page, (None, None))
+                tasks, fingerprint = await self._resource.list_page(
+                    page, _PAGE_SIZE, known=known, last=last, held=held
+                )
+                if fingerprint is None:
+                    self._pages.pop(page, None)
+                else:
+                    self._pages[page] = (fingerprint, tasks)
                 observed_at = time.monotonic()
                 for index, task in enumerate(tasks, 1):
-                    task_id = task.task_id
-                    job = self.following.get(task_id)
-                    if job is not None and task_id not in seen:
-                        seen.add(task_id)
-                        missing -= task_id in wanted
-                        self._tracker.snapshot(job, task, observed_at)
+                    job = following.get(task.task_id)
+                    if job is not None:
+                        entry = entry_of(job)
+                        if entry.swept != number:
+                            seen += entry.swept != -number
+                            entry.swept = number
+                            self._tracker.snapshot(job, task, observed_at)
                     if index % _YIELD_EVERY == 0:
                         await anyio.lowlevel.checkpoint()  # a page is big: let others run
-                if len(tasks) < _PAGE_SIZE or missing <= page:
+                if len(tasks) < _PAGE_SIZE or wanted - seen <= page:
+                    for stale in [p for p in self._pages if p > page]:
+                        del self._pages[stale]
                     break
             self.sweeps += 1
-            self._missed_by_sweep = {i for i in wanted - seen if i in self.following}
+            self._missed_by_sweep = (
+                set()
+                if seen >= wanted
+                else {
+                    task_id
+                    for task_id, job in following.items()
+                    if entry_of(job).swept not in (number, -number)
+                }
+            )
         except InvalidRequestError as exc:
             # The backend refuses the list endpoint (a gateway without it): stop trying.
             log.warning("list sweeps refused (%s); polling tasks one by one from now on", exc)
@@ -338,5 +493,5 @@ class PollerPool:
             self._last_sweep = time.monotonic()
             self._sweeping = None
             sweeping.set()
-        if trigger.job.task_id not in seen and not trigger.job.done:
+        if trigger.swept != number and not trigger.job.done:
             await self._poll(trigger)

@@ -24,6 +24,7 @@ state) is private to the engine; :class:`~kling_async.engine.jobs.Job` keeps the
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -31,7 +32,9 @@ from typing import TYPE_CHECKING
 import attrs
 
 from kling_async._errors import KlingError, RestoredError, ValidationError
+from kling_async.engine.collector import Collector
 from kling_async.engine.durations import DurationStats
+from kling_async.engine.entry import Entry
 from kling_async.engine.jobs import EventHub, Job, JobStatus, error_message, error_type
 from kling_async.engine.limits import CreateOutcome, SlotLimiter
 from kling_async.engine.store import JobRecord, StoreWriter
@@ -62,52 +65,6 @@ _RANK = {
 
 class Disowned(Exception):
     """The job belongs to another client of the shared account: nothing of it is sent here."""
-
-
-@attrs.define(eq=False)
-class Entry:
-    """The engine's record of one job (see the module docstring). Times are monotonic."""
-
-    job: Job
-    class_key: ClassKey = ("", "", "")
-    #: The job holds one of the account's slots (from take_slot/track until its end).
-    holds_slot: bool = False
-    #: A create for it may have gone out (in this run or, for a loaded job, an earlier one).
-    sent: bool = False
-    #: The job store holds the "sent" mark of this client's first create of the job.
-    marked: bool = False
-    #: When its task started, as far as we know, and whether that is our own submission time
-    #: (only then is its duration a measurement the statistics may learn from).
-    started_at: float = 0.0
-    measured: bool = False
-    #: The schedule: the age at the last poll, and the token of its live heap entry.
-    poll_age: float = 0.0
-    poll_token: int = 0
-    #: When an outside hint (a callback) last came for its task: while hints come, the
-    #: pollers keep only a safety-net poll for it.
-    hinted_at: float | None = None
-    #: When its next poll is due, whether that poll must not be put off (it confirms a
-    #: hint, or follows a task just tracked), and when a hint last brought a poll forward.
-    due: float = 0.0
-    pinned: bool = False
-    confirmed_at: float = -1e18
-    #: A callback claimed an end that no poll started since has looked at.
-    unconfirmed: bool = False
-    #: Its task was created here with the client's callback URL (callbacks may come for it).
-    pushed: bool = False
-    #: No poll before this (a back-off: not found yet, failing polls).
-    not_before: float = 0.0
-    #: The age at which a callback first claimed the task's end since the last poll that
-    #: showed it running: once a poll confirms the end, a better measurement of its duration
-    #: than the midpoint since that poll (under push delivery, the create).
-    end_hint_age: float | None = None
-    #: Poll rounds in a row that said "not found", or that failed, and since when.
-    not_found: int = 0
-    failures: int = 0
-    failing_since: float | None = None
-    #: Another client of a shared account owns the job: this one keeps its state as it is
-    #: told (``replicate``), never polls it, never writes it, never ends it.
-    replica: bool = False
 
 
 class Tracker:
@@ -141,6 +98,8 @@ class Tracker:
         self.last_hint: float | None = None
         #: Where a hint for a replica goes (its owner, through the shared account).
         self.forward: Callable[[Task], None] | None = None
+        #: Keeps the garbage collector's full passes short while many jobs are alive.
+        self.collector = Collector()
 
     # --- finding jobs ----------------------------------------------------------------------
 
@@ -156,6 +115,7 @@ class Tracker:
     def _register(self, job: Job, entry: Entry) -> None:
         job._engine = entry
         self.jobs[job.id] = job
+        self.collector.grew()
         if job.task_id is not None:
             self.by_task[job.task_id] = job
 
@@ -422,7 +382,7 @@ class Tracker:
         self._snapshot(job, task, observed_at)
         if not job.done:
             entry = self.entry(job)
-            entry.poll_age = observed_at - entry.started_at
+            entry.polled_at = observed_at  # (a sweep's page shares one)
             entry.end_hint_age = None  # the end it claimed was not (yet) true
             assert self.pollers is not None
             self.pollers.schedule_next(entry)
@@ -459,6 +419,26 @@ class Tracker:
                 entry.end_hint_age = entry.hinted_at - entry.started_at
             self.pollers.hinted(entry, ending=ending)
         return job
+
+    def unnoticed_ends(self, running_at: float) -> float:
+        """How many tasks holding slots are expected to have ended unseen: for each, the
+        chance, by its class's duration model, that it ended since it was last known to run
+        (its last poll, or ``running_at``). A task whose callbacks come is heard of at once,
+        so it counts for nothing (a slot probe is moot under push delivery)."""
+        now = time.monotonic()
+        fits: dict[ClassKey, tuple[float, float]] = {}
+        total = 0.0
+        for job in self.following.values():
+            entry = self.entry(job)
+            if not entry.holds_slot or entry.replica or self.pushes(entry):
+                continue
+            fit = fits.get(entry.class_key)
+            if fit is None:
+                median, sigma = self.durations.model(entry.class_key).fit()
+                fit = fits[entry.class_key] = (math.log(median), sigma * math.sqrt(2.0))
+            seen = max(entry.started_at + entry.poll_age, running_at) - entry.started_at
+            total += _ended_since(fit, max(seen, 1e-9), max(now - entry.started_at, 1e-9))
+        return total
 
     def pushes(self, entry: Entry) -> bool:
         """Whether callbacks are coming for this entry's task: one came for it lately, or it
@@ -560,6 +540,7 @@ class Tracker:
         """The client closed: every slot its unfinished jobs hold is given back. Their tasks
         may go on server-side, but this client no longer accounts for them; whoever follows
         them next (a new client tracking them, or resuming them from a store) takes its own."""
+        self.collector.close()
         for job in list(self.jobs.values()):
             entry = self.entry(job)
             if entry.holds_slot:
@@ -593,6 +574,18 @@ class Tracker:
             created_at=job._made,
             updated_at=job._updated,
         )
+
+
+def _ended_since(fit: tuple[float, float], seen: float, now: float) -> float:
+    """P(a log-normal task alive at age ``seen`` ended by age ``now``); ``fit`` is
+    (log median, sigma * sqrt 2)."""
+    if now <= seen:
+        return 0.0
+    mu, scale = fit
+    alive_then = math.erfc((math.log(seen) - mu) / scale)
+    if alive_then < 1e-12:
+        return 0.5  # far past its class's durations: anyone's guess
+    return 1.0 - math.erfc((math.log(now) - mu) / scale) / alive_then
 
 
 def _class_of(request: Text2VideoRequest) -> ClassKey:

@@ -83,9 +83,12 @@ class Api:
         json_body: Any = None,
         query: bool = False,
         attempt: int = 1,
+        shortcut: Callable[[int, bytes], Any] | None = None,
     ) -> Any:
         """One logical attempt; returns ``data`` or raises the typed error. ``attempt`` is its
-        number within its call (for the debug log).
+        number within its call (for the debug log). ``shortcut`` sees each answer's status
+        and body first: what it returns, unless None, is returned instead of the decoded
+        ``data`` (the poller pool's "unchanged since last time", which skips the decoding).
 
         A 1003/1004 (token not yet valid / expired) is the only case sent twice here: the server
         rejected the credential before looking at the request, so a re-mint and one more try is
@@ -96,6 +99,10 @@ class Api:
             response = await self._send(
                 method, path, params=params, json_body=json_body, attempt=attempt
             )
+            if shortcut is not None:
+                known = shortcut(response.status, response.body)
+                if known is not None:
+                    return known
             try:
                 return decode_envelope(
                     response.status,
@@ -176,17 +183,24 @@ class Api:
         params: Mapping[str, str] | None = None,
         query: bool = False,
         offered: bool = True,
+        shortcut: Callable[[int, bytes], Any] | None = None,
     ) -> Any:
         """A GET, retried for every failure a retry can fix, within the retry policy and the
         client's retry budget. ``offered=False`` marks a read that is itself a retry of a
-        failed operation, already paid for by its caller (it deposits nothing)."""
+        failed operation, already paid for by its caller (it deposits nothing); ``shortcut``
+        is :meth:`send_once`'s."""
         retrying = self.retrying()
         if offered:
             self.offered()
         while True:
             try:
                 return await self.send_once(
-                    "GET", path, params=params, query=query, attempt=retrying.failures + 1
+                    "GET",
+                    path,
+                    params=params,
+                    query=query,
+                    attempt=retrying.failures + 1,
+                    shortcut=shortcut,
                 )
             except KlingError as exc:
                 if not is_retryable_read_error(exc):

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any, Literal
 from urllib.parse import quote
@@ -46,7 +46,12 @@ from kling_async.http.create import (
     find_landed,
     new_external_task_id,
 )
-from kling_async.protocol.converter import Redact, structure_task, structure_task_list
+from kling_async.protocol.converter import (
+    Redact,
+    answer_fingerprint,
+    structure_task,
+    structure_task_list,
+)
 from kling_async.protocol.families import TEXT2VIDEO, TaskFamily
 from kling_async.protocol.models import Task, Text2VideoRequest
 from kling_async.protocol.poll import PollPolicy
@@ -342,6 +347,79 @@ class TaskResource:
                 "external_task_id", external_task_id, "must be a non-empty string"
             )
         return await self.lookups.find(external_task_id)
+
+    async def poll(
+        self, task_id: str, known: int | None = None, last: Task | None = None
+    ) -> tuple[Task, int | None]:
+        """:meth:`get` by ``task_id``, for the poller pool: also returns the answer's
+        fingerprint (:func:`~kling_async.protocol.converter.answer_fingerprint`). Given the
+        last answer's (``known``) and the task it gave (``last``), an answer unchanged since
+        (the same bytes, but for its request id) gives ``last`` again, the same object, with
+        no parsing and no structuring: most polls of a running task see nothing new.
+
+        The task's id is the caller's ``task_id`` string, not a copy from the answer, so a
+        followed task holds its id once.
+        """
+        fingerprint: int | None = None
+
+        def unchanged(status: int, body: bytes) -> Task | None:
+            nonlocal fingerprint  # the last answer's: the one ``read`` returns (or raises)
+            fingerprint = answer_fingerprint(body) if status == 200 else None
+            if last is not None and known is not None and fingerprint == known:
+                return last
+            return None
+
+        path = f"{self._path}/{quote(task_id, safe='')}"
+        data = await self._api.read(path, query=True, shortcut=unchanged)
+        if last is not None and data is last:
+            return last, fingerprint
+        if type(data) is dict and data.get("task_id") == task_id:
+            data["task_id"] = task_id
+        task = structure_task(data, redact=self._api.redact)
+        self.lookups.remember(task)
+        if task.is_terminal:
+            self._note_ended(task)
+        return task, fingerprint
+
+    async def list_page(
+        self,
+        page: int,
+        page_size: int,
+        *,
+        known: int | None = None,
+        last: list[Task] | None = None,
+        held: Callable[[str], str | None] | None = None,
+    ) -> tuple[list[Task], int | None]:
+        """:meth:`list` for the poller pool's sweeps, with :meth:`poll`'s memory: a page
+        unchanged since ``known`` (its last fingerprint) gives ``last`` (the tasks it gave),
+        and a page that changed is parsed and structured. ``held`` maps a task id the
+        client holds already to that string (None for any other), so that a swept task
+        keeps one copy of its id."""
+        _check_page("page", page, 1000)
+        _check_page("page_size", page_size, 500)
+        fingerprint: int | None = None
+
+        def unchanged(status: int, body: bytes) -> list[Task] | None:
+            nonlocal fingerprint
+            fingerprint = answer_fingerprint(body) if status == 200 else None
+            if last is not None and known is not None and fingerprint == known:
+                return last
+            return None
+
+        data = await self._api.read(
+            self._path,
+            params={"pageNum": str(page), "pageSize": str(page_size)},
+            shortcut=unchanged,
+        )
+        if last is not None and data is last:
+            return last, fingerprint
+        if held is not None and type(data) is list:
+            for item in data:
+                if type(item) is dict and type(task_id := item.get("task_id")) is str:
+                    mine = held(task_id)
+                    if mine is not None:
+                        item["task_id"] = mine
+        return structure_task_list(data, redact=self._api.redact), fingerprint
 
     async def list(self, *, page: int = 1, page_size: int = 30) -> list[Task]:
         """One page of the account's tasks, newest first (the official API; 1..1000, 1..500)."""

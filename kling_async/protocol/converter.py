@@ -51,6 +51,7 @@ from kling_async.protocol.models import (
 )
 
 __all__ = [
+    "answer_fingerprint",
     "converter",
     "decode_envelope",
     "request_body",
@@ -145,6 +146,19 @@ def _wire_status(value: Any, _type: object = None) -> TaskStatus:
     return TaskStatus.parse(value) if isinstance(value, str) else TaskStatus.UNKNOWN
 
 
+#: Each known status spelled once: ``raw_status`` of a known status is this string, not the
+#: copy a parse made, so 100,000 tracked tasks share a handful of strings instead of holding
+#: one each.
+_RAW_STATUS = {status.value: status.value for status in TaskStatus}
+
+
+def _wire_raw_status(value: Any, _type: object = None) -> str:
+    """``task_status`` as sent (kept for a status this SDK does not know), interned."""
+    if type(value) is str:
+        return _RAW_STATUS.get(value, value)
+    return value if isinstance(value, str) else ""
+
+
 def _wire_external_id(info: Any, _type: object = None) -> str | None:
     """``task_info.external_task_id``; ``task_info`` may be ``{}``, absent or junk."""
     if isinstance(info, Mapping):
@@ -201,7 +215,7 @@ _task_from_wire = make_dict_structure_fn(
     _cattrs_forbid_extra_keys=False,  # new fields (final_unit_deduction once was) pass by
     task_id=override(struct_hook=_wire_task_id),
     status=override(rename="task_status", struct_hook=_wire_status),
-    raw_status=override(rename="task_status", struct_hook=_text_or_empty),
+    raw_status=override(rename="task_status", struct_hook=_wire_raw_status),
     status_message=override(rename="task_status_msg", struct_hook=_text_or_empty),
     external_task_id=override(rename="task_info", struct_hook=_wire_external_id),
     videos=override(rename="task_result", struct_hook=_wire_videos),
@@ -278,6 +292,43 @@ def task_from_wire(body: bytes | str | Mapping[str, Any]) -> Task:
                 f"the body is not a task: {problem}", http_status=200, body=snippet(body)
             )
     return structure_task(data)
+
+
+_REQUEST_ID = b'"request_id"'
+_JSON_SPACE = b" \t\r\n"
+
+
+def answer_fingerprint(body: bytes) -> int | None:
+    """A fingerprint of an answer's body that leaves out its ``request_id``, or None.
+
+    Two answers with the same fingerprint describe the same thing: every byte but the value
+    of a ``"request_id"`` key (new on every answer, read by nothing that decodes a task) is
+    hashed, so an unchanged task answers with an unchanged fingerprint, and the poller pool
+    can reuse the :class:`Task` it decoded last time instead of parsing and structuring the
+    same JSON again. A JSON key cannot occur inside a string (its quotes would be escaped),
+    so what is left out is always a key's value. The hash is Python's keyed ``hash`` of
+    bytes (SipHash, 64 bits): kept on each followed task, it costs a small int where the body
+    would cost hundreds of bytes. None when the request id is a string with escapes in it
+    (never the case in practice): such an answer is decoded, as every answer used to be.
+    """
+    start = body.find(_REQUEST_ID)
+    if start < 0:
+        return hash(body)
+    at = start + len(_REQUEST_ID)
+    size = len(body)
+    while at < size and body[at] in _JSON_SPACE:
+        at += 1
+    if at >= size or body[at] != 58:  # ":" (anything else: the whole body is hashed)
+        return hash(body)
+    at += 1
+    while at < size and body[at] in _JSON_SPACE:
+        at += 1
+    if at >= size or body[at] != 34:  # not a string: null, a number... (hashed whole)
+        return hash(body)
+    end = body.find(b'"', at + 1)
+    if end < 0 or body.find(b"\\", at + 1, end) >= 0:
+        return None
+    return hash(body[:at] + body[end:])
 
 
 def structure_task_list(
