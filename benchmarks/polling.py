@@ -198,14 +198,21 @@ def bound(w: Workload, durations: list[float], name: str, lag: float, polls: flo
     for the *true* distribution (which the SDK has to learn), tuned to the mean lag ``lag``
     the contender ``name`` reached (so the two are compared at equal lag), on the durations
     the emulator drew in this run."""
-    lo, hi = 1e-3, 1e3  # lag_per_poll: the bound's lag grows with it
+    lo, hi = 1e-3, 1e3  # lag_per_poll: the bound's lag grows with it (in steps: a grid)
     for _ in range(60):
         mid = math.sqrt(lo * hi)
         if _known_distribution(w, durations, mid)[1] < lag:
             lo = mid
         else:
             hi = mid
-    bound_polls, bound_lag = _known_distribution(w, durations, math.sqrt(lo * hi))
+    # The two schedules either side of the lag, interpolated to it exactly.
+    (polls_lo, lag_lo), (polls_hi, lag_hi) = (
+        _known_distribution(w, durations, lo),
+        _known_distribution(w, durations, hi),
+    )
+    share = 0.0 if lag_hi == lag_lo else (lag - lag_lo) / (lag_hi - lag_lo)
+    bound_polls = polls_lo + share * (polls_hi - polls_lo)
+    bound_lag = lag_lo + share * (lag_hi - lag_lo)
     print(
         f"polling_bound contender={name} lag_mean_s={lag:.3f} polls_per_task={polls:.3f} "
         f"known_distribution_polls_per_task={bound_polls:.3f} "

@@ -49,7 +49,7 @@ from kling_async.engine.account import (
     AccountMember,
     AccountSettings,
 )
-from kling_async.engine.durations import DurationStats, LearnedDurations
+from kling_async.engine.durations import DurationStats, DurationStore, LearnedDurations
 from kling_async.engine.jobs import Job, JobEvent, JobStatus
 from kling_async.engine.limits import (
     AdaptiveLimit,
@@ -81,6 +81,7 @@ from kling_async.protocol.profiles import (
     UnknownModelWarning,
 )
 from kling_async.protocol.retry import RetryPolicy
+from kling_async.protocol.schedule import DurationSummary
 
 __all__ = [
     # client and settings
@@ -109,6 +110,8 @@ __all__ = [
     "RequestLimiter",
     "RequestBudget",
     "DurationStats",
+    "DurationStore",
+    "DurationSummary",
     "LearnedDurations",
     # one account shared by several clients (kling_async.redis.RedisAccount)
     "Account",

@@ -22,7 +22,12 @@ from kling_async.engine.account import (
     AccountBinding,
     AccountSettings,
 )
-from kling_async.engine.durations import DurationStats, LearnedDurations
+from kling_async.engine.durations import (
+    DurationKeeper,
+    DurationStats,
+    DurationStore,
+    LearnedDurations,
+)
 from kling_async.engine.jobs import EventHub, Job, JobEvent, JobStatus, as_completed
 from kling_async.engine.limits import AdaptiveLimit, RequestBudget, RequestLimiter, SlotLimiter
 from kling_async.engine.pollers import PollerPool
@@ -387,11 +392,15 @@ class KlingClient:
             probe_debt_limit=2 * self.poll.max_interval,  # any end is seen within one
         )
         self._store, self._owns_store = _job_store(store)
-        self._tracker = Tracker(
-            self._hub,
-            self._slots,
-            duration_stats or LearnedDurations(self.poll),
-        )
+        learned: LearnedDurations | None = None
+        if duration_stats is None:
+            duration_stats = learned = LearnedDurations(self.poll)
+        self._tracker = Tracker(self._hub, self._slots, duration_stats)
+        #: What the statistics learned is kept in the job store between runs, where it can.
+        self._keeper: DurationKeeper | None = None
+        durations_store: object = self._store
+        if learned is not None and isinstance(durations_store, DurationStore):
+            self._keeper = DurationKeeper(learned, durations_store)
         self._tracker.callback_url = callback_url
         if self._store is not None:
             self._tracker.store = StoreWriter(self._store, self._tracker.record)
@@ -443,10 +452,16 @@ class KlingClient:
             # Loaded before the task group exists, so a store that cannot load raises its own
             # error out of ``async with``, not one wrapped in an exception group.
             records = await writer.store.load() if writer is not None else []
+            keeper = self._keeper
+            if keeper is not None:
+                await keeper.load()
+                stack.push_async_callback(keeper.save)  # after the task group, before the store
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             submitters, pollers = self._workers
             self._task_group.start_soon(self._submitter.run, submitters, name="kling-submitters")
             self._task_group.start_soon(self._pool.run, pollers, name="kling-poll-dispatcher")
+            if keeper is not None:
+                self._task_group.start_soon(keeper.run, name="kling-durations")
             if writer is not None:
                 self._task_group.start_soon(writer.run, name="kling-job-store")
                 self._resume(records)
@@ -605,6 +620,24 @@ class KlingClient:
         if not isinstance(job_id, str) or not job_id:
             raise ValidationError("job_id", job_id, "must be a non-empty string")
         return self._tracker.find(job_id)
+
+    async def forget_durations(self) -> None:
+        """Forget what was learned of every class's durations, here and where it is kept
+        (the job store, or a shared account's Redis): from now on, and in the next run, each
+        class starts again from ``PollPolicy.initial_estimate``. For when the tasks' durations
+        changed for good (another model version, another resource pack) and the old ones
+        would only mislead the schedule for a while."""
+        self._running()
+        stats = self._tracker.durations
+        if isinstance(stats, LearnedDurations):
+            stats.reset()
+        if self._keeper is not None:
+            await self._keeper.forget()
+            return
+        # A shared account's statistics (Redis) forget in the account, for every client.
+        forget = getattr(stats, "forget_durations", None)
+        if forget is not None:
+            await forget()
 
     async def lookup(self, job_id: str, *, timeout: float = 2.0) -> Job | None:  # noqa: ASYNC109
         """:meth:`job`, for a client of a shared account (``account=``): a job another

@@ -770,22 +770,40 @@ class _Durations:
     def __init__(self, binding: _Binding) -> None:
         self._b = binding
         self._local = ka.LearnedDurations(binding.settings.poll)
+        #: Each completion carries "<this client>:<n>": an add the client cancelled while it
+        #: closed may have landed and is made again, and readers count such a repeat once.
+        self._me = secrets.token_hex(6)
+        self._sent = 0
+        self._seen: dict[str, int] = {}
 
     def model(self, key: tuple[str, str, str]) -> Any:
         return self._local.model(key)
 
-    def learn(self, key: Sequence[str], seconds: float) -> None:
+    def learn(self, key: Sequence[str], seconds: float, mark: str | None = None) -> None:
+        if mark is not None:
+            client, _, n = mark.rpartition(":")
+            if not n.isdigit() or int(n) <= self._seen.get(client, -1):
+                return  # a repeat of an add seen already (or a malformed mark)
+            self._seen[client] = int(n)
         if len(key) == 3 and 0 < seconds < 1e7:
             self._local.observe((str(key[0]), str(key[1]), str(key[2])), seconds)
+
+    async def forget_durations(self) -> None:
+        """Forget every class, here and in the account (the stream every client learns from,
+        and a new client loads); other running clients keep their models until they restart."""
+        self._local.reset()
+        await self._b.redis.delete(self._b.keys.durations)
 
     def observe(self, key: tuple[str, str, str], seconds: float) -> None:
         self._local.observe(key, seconds)
         b = self._b
+        mark = f"{self._me}:{self._sent}"
+        self._sent += 1
 
         async def op() -> None:
             await b.redis.xadd(
                 b.keys.durations,
-                {"w": b.worker, "k": json.dumps(list(key)), "s": repr(float(seconds))},
+                {"w": b.worker, "k": json.dumps(list(key)), "s": repr(float(seconds)), "n": mark},
                 maxlen=DURATIONS_KEPT,
                 approximate=True,
             )
@@ -1123,7 +1141,7 @@ class _Binding:
 
     def _learn(self, fields: Mapping[str, str]) -> None:
         with contextlib.suppress(KeyError, ValueError, TypeError):
-            self._durations.learn(json.loads(fields["k"]), float(fields["s"]))
+            self._durations.learn(json.loads(fields["k"]), float(fields["s"]), fields.get("n"))
 
     async def _heartbeats(self) -> None:
         every = self.account.lease_ttl / 6

@@ -44,6 +44,8 @@ TOP_LEVEL = [
     "DownloadError",
     "DownloadResult",
     "DurationStats",
+    "DurationStore",
+    "DurationSummary",
     "IgnoredLookupError",
     "InvalidRequestError",
     "JWTAuth",

@@ -254,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="submit failed and rejected rows again (a new task each, billed again)",
     )
     group.add_argument(
+        "--forget-durations",
+        action="store_true",
+        help="forget the task durations earlier runs learned (kept in the journal, or in "
+        "Redis with --redis) and learn afresh: for when tasks got faster or slower for good",
+    )
+    group.add_argument(
         "--dry-run", action="store_true", help="validate every row, print the plan, send nothing"
     )
     group.add_argument(

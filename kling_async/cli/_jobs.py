@@ -33,7 +33,7 @@ is refused to a run without ``--redis``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import anyio
 import attrs
@@ -179,6 +179,19 @@ class BatchJobs:
                     for job_id, record in batch.items():
                         self._copies.setdefault(job_id, record)
                     raise
+
+    # --- learned durations: the journal keeps them between runs (a DurationStore) ---------
+
+    async def load_durations(self) -> dict[tuple[str, str, str], ka.DurationSummary]:
+        return await self._store.load_durations()
+
+    async def save_durations(
+        self, summaries: Mapping[tuple[str, str, str], ka.DurationSummary]
+    ) -> None:
+        await self._store.save_durations(summaries)
+
+    async def forget_durations(self) -> None:
+        await self._store.forget_durations()
 
     # --- the JobStore protocol ------------------------------------------------------------
 

@@ -213,6 +213,8 @@ class BatchSettings:
     downloads: DownloadSettings
     unreachable_after: float = 30.0
     retry_failed: bool
+    #: ``--forget-durations``: the run starts from the poll policy's prior, not the journal's.
+    forget_durations: bool = False
     progress: str
     dry_run: bool = False
     #: ``--redis`` (or ``$KLING_REDIS_URL``): the batch is shared by the machines running it
@@ -351,6 +353,7 @@ def settings_from(args: argparse.Namespace) -> BatchSettings:
             retry=scaled_retry(scale),
         ),
         retry_failed=args.retry_failed,
+        forget_durations=args.forget_durations,
         progress=args.progress,
         dry_run=args.dry_run,
         redis_url=redis_url,
@@ -439,4 +442,7 @@ async def open_client(
             assert settings.has_key
             api_key, base_url = settings.api_key, settings.base_url
         client = KlingClient(**client_arguments(settings, api_key, base_url), store=store)
-        yield await stack.enter_async_context(client)
+        kling = await stack.enter_async_context(client)
+        if settings.forget_durations:
+            await kling.forget_durations()
+        yield kling

@@ -498,6 +498,8 @@ async def shared_client(
     async with share:
         try:
             async with client as kling:
+                if settings.forget_durations:
+                    await kling.forget_durations()
                 yield kling, share
         finally:
             # Failing that, its heartbeat stops: it is taken for dead after half a lease.

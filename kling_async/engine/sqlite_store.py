@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -40,6 +41,7 @@ import anyio.to_thread
 from kling_async._errors import JobStoreError, UsageError
 from kling_async.engine.store import JobRecord, stored_request, stored_status
 from kling_async.protocol.models import Task
+from kling_async.protocol.schedule import ClassKey, DurationSummary
 
 __all__ = ["SCHEMA_VERSION", "SQLiteJobStore"]
 
@@ -48,6 +50,8 @@ __all__ = ["SCHEMA_VERSION", "SQLiteJobStore"]
 SCHEMA_VERSION: Final = 1
 
 T = TypeVar("T")
+
+log = logging.getLogger("kling_async")
 
 _TABLES: Final = """
 CREATE TABLE IF NOT EXISTS kling_jobs_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,6 +70,21 @@ CREATE TABLE IF NOT EXISTS kling_jobs (
 );
 CREATE INDEX IF NOT EXISTS kling_jobs_task_id ON kling_jobs (task_id);
 """
+#: Learned durations, one row per class (model, mode, clip length). Added after layout 1 was
+#: first written, so it is created in any file that lacks it (an older journal gains it).
+_DURATIONS: Final = """
+CREATE TABLE IF NOT EXISTS kling_durations (
+    model TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    duration TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    PRIMARY KEY (model, mode, duration)
+)
+"""
+_SAVE_DURATION: Final = (
+    "INSERT INTO kling_durations (model, mode, duration, summary) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (model, mode, duration) DO UPDATE SET summary = excluded.summary"
+)
 
 _COLUMNS: Final = (
     "id",
@@ -145,10 +164,10 @@ def _decode(path: Path, row: Sequence[Any]) -> JobRecord:
         ) from None
 
 
-def _write(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+def _write(db: sqlite3.Connection, rows: list[tuple[Any, ...]], statement: str = _UPSERT) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.executemany(_UPSERT, rows)
+        db.executemany(statement, rows)
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:  # SQLite may have rolled back already (a full disk does)
@@ -214,6 +233,40 @@ class SQLiteJobStore:
         rows = await self._call(lambda db: db.execute(_SELECT).fetchall())
         return [_decode(self.path, row) for row in rows]
 
+    # --- learned durations (a DurationStore too) -------------------------------------------
+
+    async def load_durations(self) -> dict[ClassKey, DurationSummary]:
+        """The summaries saved last, by class. A row that does not read as one (the file is
+        outside input) is skipped with a warning: statistics only make polls cheaper."""
+        rows = await self._call(
+            lambda db: db.execute(
+                "SELECT model, mode, duration, summary FROM kling_durations"
+            ).fetchall()
+        )
+        loaded: dict[ClassKey, DurationSummary] = {}
+        for model, mode, duration, summary in rows:
+            try:
+                key = (str(model), str(mode), str(duration))
+                loaded[key] = DurationSummary.from_dict(json.loads(summary))
+            except (ValueError, TypeError) as exc:
+                log.warning(
+                    "%s: the learned durations of %r are ignored (%s)",
+                    self.path,
+                    (model, mode, duration),
+                    exc,
+                )
+        return loaded
+
+    async def save_durations(self, summaries: Mapping[ClassKey, DurationSummary]) -> None:
+        """Insert or replace the classes given, in one transaction (others are kept)."""
+        rows = [(*key, _dumps(summary.to_dict())) for key, summary in summaries.items()]
+        if rows:
+            await self._call(lambda db: _write(db, rows, _SAVE_DURATION))
+
+    async def forget_durations(self) -> None:
+        """Delete every learned duration: the next client starts from its poll policy."""
+        await self._call(lambda db: db.execute("DELETE FROM kling_durations"))
+
     # --- in the worker thread -----------------------------------------------------------------
 
     async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -278,6 +331,7 @@ class SQLiteJobStore:
                 f"kling-async (this one reads layout {SCHEMA_VERSION}); use that version, or "
                 "another file"
             )
+        db.execute(_DURATIONS)  # a file of an earlier release gains the table
 
     @staticmethod
     def _version(db: sqlite3.Connection) -> str | None:

@@ -25,6 +25,7 @@ import attrs
 from kling_async._errors import JobStoreError
 from kling_async.engine.jobs import Job, JobStatus
 from kling_async.protocol.models import Task, Text2VideoRequest
+from kling_async.protocol.schedule import ClassKey, DurationSummary
 
 __all__ = ["JobRecord", "JobStore", "MemoryJobStore", "StoreWriter"]
 
@@ -135,7 +136,8 @@ class JobStore(Protocol):
 
 
 class MemoryJobStore:
-    """The in-process default: records live as long as the store object does.
+    """The in-process default: records (and learned durations, as a
+    :class:`~kling_async.engine.durations.DurationStore`) live as long as the store object does.
 
     Useful to hand one store to successive clients in one process (a client reopened after an
     outage finds its jobs), and as the reference the other stores are tested against.
@@ -143,6 +145,7 @@ class MemoryJobStore:
 
     def __init__(self) -> None:
         self._records: dict[str, JobRecord] = {}
+        self._durations: dict[ClassKey, DurationSummary] = {}
 
     async def save(self, records: Iterable[JobRecord]) -> None:
         for record in records:
@@ -150,6 +153,17 @@ class MemoryJobStore:
 
     async def load(self) -> list[JobRecord]:
         return list(self._records.values())
+
+    # --- learned durations (a DurationStore too) -------------------------------------------
+
+    async def load_durations(self) -> dict[ClassKey, DurationSummary]:
+        return dict(self._durations)
+
+    async def save_durations(self, summaries: Mapping[ClassKey, DurationSummary]) -> None:
+        self._durations.update(summaries)
+
+    async def forget_durations(self) -> None:
+        self._durations.clear()
 
 
 class StoreWriter:

@@ -17,7 +17,7 @@ import math
 
 import attrs
 
-__all__ = ["ClassKey", "DurationModel", "inspection_schedule"]
+__all__ = ["ClassKey", "DurationModel", "DurationSummary", "inspection_schedule"]
 
 ClassKey = tuple[str, str, str]
 
@@ -89,6 +89,56 @@ def inspection_schedule(
     return tuple(plan)
 
 
+def _finite(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value)):
+        raise ValueError(f"DurationSummary.{attribute.name}={value!r} is invalid: must be finite")
+
+
+def _nonnegative(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"DurationSummary.{attribute.name}={value!r} is invalid: must be >= 0")
+
+
+def _count(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"DurationSummary.{attribute.name}={value!r} is invalid: must be an int >= 0"
+        )
+
+
+@attrs.frozen
+class DurationSummary:
+    """What a class's durations came to, in the log space the model fits: how many were
+    measured, their mean and their variance. Enough to rebuild the model's fit exactly, so a
+    store keeps three numbers per class, not every duration."""
+
+    count: int = attrs.field(validator=_count)
+    mean_log: float = attrs.field(validator=_finite)
+    var_log: float = attrs.field(validator=[_finite, _nonnegative])
+
+    def to_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean_log": self.mean_log, "var_log": self.var_log}
+
+    @classmethod
+    def from_dict(cls, data: object) -> DurationSummary:
+        """The inverse of :meth:`to_dict`; anything else (stored data is untrusted) raises
+        ``ValueError`` naming the field."""
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise ValueError(f"a duration summary must be a mapping, not {kind}")  # noqa: TRY004
+        try:
+            return cls(data["count"], float(data["mean_log"]), float(data["var_log"]))
+        except KeyError as exc:
+            raise ValueError(f"a duration summary lacks {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise ValueError(f"a duration summary is malformed: {exc}") from None
+
+    def capped(self, count: int) -> DurationSummary:
+        """The same fit, worth at most ``count`` observations: what a new run starts from,
+        so its own tasks can still move a model that earlier runs filled (durations drift)."""
+        return self if self.count <= count else attrs.evolve(self, count=count)
+
+
 @attrs.define
 class DurationModel:
     """What one class of tasks has taken so far, as a log-normal fit blended with a prior.
@@ -106,6 +156,8 @@ class DurationModel:
     _sum_sq: float = 0.0
     _plan: tuple[float, ...] = ()
     _planned_at: int = -1
+    #: The log-space spread assumed before data (wider for a prior borrowed from a neighbour).
+    prior_sigma: float = attrs.field(default=PRIOR_SIGMA, kw_only=True)
 
     def observe(self, duration: float) -> None:
         if duration > 0 and math.isfinite(duration):
@@ -120,14 +172,29 @@ class DurationModel:
         n, w = self.count, PRIOR_WEIGHT
         mu = (w * prior_mu + self._sum) / (w + n)
         if n == 0:
-            return self.prior_median, PRIOR_SIGMA
+            return self.prior_median, self.prior_sigma
         mean = self._sum / n
         var = max(0.0, self._sum_sq / n - mean * mean)
         # Prior variance around the prior median, plus the data's spread and its offset.
-        blended = (w * PRIOR_SIGMA**2 + n * var + w * n / (w + n) * (mean - prior_mu) ** 2) / (
+        blended = (w * self.prior_sigma**2 + n * var + w * n / (w + n) * (mean - prior_mu) ** 2) / (
             w + n
         )
         return math.exp(mu), max(_MIN_SIGMA, math.sqrt(blended))
+
+    def summary(self) -> DurationSummary:
+        """The observations so far, as :class:`DurationSummary` (for a store to keep)."""
+        if self.count == 0:
+            return DurationSummary(0, 0.0, 0.0)
+        mean = self._sum / self.count
+        return DurationSummary(self.count, mean, max(0.0, self._sum_sq / self.count - mean**2))
+
+    def absorb(self, summary: DurationSummary) -> None:
+        """Add ``summary``'s observations, as if each had been observed here: a model of no
+        observations that absorbs a summary fits exactly as the model that made it did."""
+        if summary.count:
+            self.count += summary.count
+            self._sum += summary.count * summary.mean_log
+            self._sum_sq += summary.count * (summary.var_log + summary.mean_log**2)
 
     def _stale(self) -> bool:
         # Replan at 0, 1, 2, 4, 8, ... observations, then every 64: cheap and converges fast.
