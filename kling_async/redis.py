@@ -424,6 +424,8 @@ class RedisAccount:
         self.finished_ttl = float(finished_ttl)
         self.stop_ttl = float(stop_ttl)
         self.changes_kept = changes_kept
+        #: The fingerprint of the last client bound (for :meth:`forget_durations`).
+        self._fingerprint: str | None = None
 
     @property
     def url(self) -> str:
@@ -440,7 +442,31 @@ class RedisAccount:
 
     def bind(self, settings: ka.AccountSettings) -> _Binding:
         worker = self.worker or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._fingerprint = settings.fingerprint
         return _Binding(self, self._url, self.prefix(settings.fingerprint), worker, settings)
+
+    async def forget_durations(self, fingerprint: str | None = None) -> None:
+        """Delete what the account learned of every class's durations (the stream of
+        completions a client starts from), so the next client starts each class from its
+        poll policy: for when tasks got faster or slower for good. The account is the one
+        ``fingerprint`` names (as clients bind with it, :class:`kling_async.AccountSettings`),
+        else the one this object's ``name`` names, else that of the last client made with
+        this object. Running clients keep their models; ``await kling.forget_durations()``
+        resets that client too."""
+        fingerprint = fingerprint or self._fingerprint
+        if fingerprint is None and self.name is None:
+            raise ka.UsageError(
+                "forget_durations() needs the account: give RedisAccount a name=, pass the "
+                "fingerprint, or call it after a KlingClient was made with this account"
+            )
+        keys = _Keys(self.prefix(fingerprint or ""), "")
+        connection = aioredis.Redis.from_url(
+            self._url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=5.0
+        )
+        try:
+            await connection.delete(keys.durations)
+        finally:
+            await connection.aclose()
 
     async def release_ended(self, fingerprint: str, job_ids: Sequence[str]) -> list[str]:
         """Let any client of the account send again jobs that ended with no task (an
@@ -779,14 +805,48 @@ class _Durations:
     def model(self, key: tuple[str, str, str]) -> Any:
         return self._local.model(key)
 
-    def learn(self, key: Sequence[str], seconds: float, mark: str | None = None) -> None:
+    def _accept(
+        self, key: Sequence[str], seconds: float, mark: str | None
+    ) -> tuple[str, str, str] | None:
+        """The class of a completion read from the stream, or None for a repeat of an add
+        seen already, a malformed mark or an entry that is no completion (stored data is
+        outside input)."""
         if mark is not None:
             client, _, n = mark.rpartition(":")
             if not n.isdigit() or int(n) <= self._seen.get(client, -1):
-                return  # a repeat of an add seen already (or a malformed mark)
+                return None  # a repeat of an add seen already (or a malformed mark)
             self._seen[client] = int(n)
-        if len(key) == 3 and 0 < seconds < 1e7:
-            self._local.observe((str(key[0]), str(key[1]), str(key[2])), seconds)
+        if not (isinstance(key, list) and len(key) == 3 and 0 < seconds < 1e7):
+            return None
+        return (str(key[0]), str(key[1]), str(key[2]))
+
+    def learn(self, key: Sequence[str], seconds: float, mark: str | None = None) -> None:
+        found = self._accept(key, seconds, mark)
+        if found is not None:
+            self._local.observe(found, seconds)
+
+    def load(self, entries: Iterable[Mapping[str, str]]) -> None:
+        """What a client starts from: the completions the stream kept (oldest first), summed
+        per class and loaded as a job store's summaries are (``LearnedDurations.load``), so a
+        class weighs as much whether a journal or an account kept it, and a class the stream
+        holds thousands of can still move within one run."""
+        sums: dict[tuple[str, str, str], list[float]] = {}
+        for fields in entries:
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                seconds = float(fields["s"])
+                found = self._accept(json.loads(fields["k"]), seconds, fields.get("n"))
+                if found is not None:
+                    log_s = math.log(seconds)
+                    acc = sums.setdefault(found, [0.0, 0.0, 0.0])
+                    acc[0] += 1
+                    acc[1] += log_s
+                    acc[2] += log_s * log_s
+        summaries: dict[tuple[str, str, str], ka.DurationSummary] = {}
+        for key, (n, logs, squares) in sums.items():
+            mean = logs / n
+            summaries[key] = ka.DurationSummary(int(n), mean, max(0.0, squares / n - mean**2))
+        if summaries:
+            self._local.load(summaries)
 
     async def forget_durations(self) -> None:
         """Forget every class, here and in the account (the stream every client learns from,
@@ -1136,8 +1196,7 @@ class _Binding:
         self._member.replicate(others)
         recent = await redis.xrevrange(self.keys.durations, count=DURATIONS_KEPT)
         self._durations_from = recent[0][0] if recent else "0-0"
-        for _, fields in reversed(recent):
-            self._learn(fields)
+        self._durations.load(fields for _, fields in reversed(recent))
 
     def _learn(self, fields: Mapping[str, str]) -> None:
         with contextlib.suppress(KeyError, ValueError, TypeError):

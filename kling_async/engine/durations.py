@@ -17,9 +17,11 @@ stream does the same for every worker. ``forget_durations()`` on the store is th
 
 **A class never seen** starts from the nearest class that has data, not from the one fixed
 ``initial_estimate``: the same model and mode at another clip length, else the same model at
-another mode, else another model, its median scaled by the clip lengths and modes (below) and
-its spread widened, worth only :data:`~kling_async.protocol.schedule.PRIOR_WEIGHT`
-observations, so the class's own tasks take over within a few ends.
+another mode, else another model in the same mode, else any, its median scaled by the clip
+lengths and modes (below) and its spread widened, worth only
+:data:`~kling_async.protocol.schedule.PRIOR_WEIGHT` observations, so the class's own tasks
+take over within a few ends. A class first polled while nothing was known borrows as soon as
+another class has data (its prior is made again while it has none of its own).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ log = logging.getLogger("kling_async")
 #: A longer clip takes longer, less than in proportion (rendering has a fixed part): the
 #: median scales with (clip length ratio) ** this. 10 s against 5 s gives about 1.5x.
 CLIP_EXPONENT = 0.6
-#: Pro mode against std: about 1.6x (one public client's averages and our own runs agree
-#: roughly; a borrowed prior only has to be nearer than the fixed guess).
+#: Pro mode against std: 1.6x. Both factors are estimates (public timings only say that pro
+#: and 10 s clips are slower), which is all a borrowed prior needs: it only has to be nearer
+#: than the one fixed guess, and (worth two observations) the class's own tasks soon replace it.
 PRO_FACTOR = 1.6
 #: Added (in quadrature) to a borrowed class's spread: the scaling is a guess.
 BORROWED_SPREAD = 0.25
@@ -99,13 +102,17 @@ def _mode_factor(mode: str) -> float:
 
 def borrowed_prior(key: ClassKey, known: Mapping[ClassKey, DurationModel]) -> tuple[float, float]:
     """(median, sigma) for a class never seen, from the nearest class in ``known`` that has
-    observations: the same model and mode first, then the same model, then any; within one,
-    the nearest clip length, then the most observations. Raises ``LookupError`` if none has."""
+    observations: the same model and mode first, then the same model, then another model in
+    the same mode, then any; within one, the nearest clip length, then the most
+    observations. Raises ``LookupError`` if none has."""
     model_name, mode, _ = key
     seconds = _clip_seconds(key)
 
     def rank(candidate: ClassKey) -> tuple[int, float, int]:
-        tier = 0 if candidate[:2] == key[:2] else 1 if candidate[0] == model_name else 2
+        if candidate[0] == model_name:
+            tier = 0 if candidate[1] == mode else 1
+        else:
+            tier = 2 if candidate[1] == mode else 3
         theirs = _clip_seconds(candidate)
         distance = (
             abs(math.log(seconds / theirs)) if seconds is not None and theirs is not None else 9.0
@@ -135,13 +142,22 @@ class LearnedDurations:
         self._models: dict[ClassKey, DurationModel] = {}
         #: Grows with every observation and load: a keeper saves when it moved.
         self.version = 0
+        #: Grows when what a class could borrow from moved: a class gained its first
+        #: observations, or its count reached a power of two (its fit has settled a step).
+        self._neighbours = 0
+        #: For each class with no observations yet, ``_neighbours`` when its prior was made.
+        self._borrowed: dict[ClassKey, int] = {}
         if known:
             self.load(known)
 
     def model(self, key: ClassKey) -> DurationModel:
         model = self._models.get(key)
-        if model is None:
+        if model is None or (model.count == 0 and self._borrowed.get(key) != self._neighbours):
+            # A class with no data is made again once the others moved: one first polled
+            # while nothing was known (a mixed first batch) borrows as soon as a class ends,
+            # instead of keeping the fixed guess until its own first task ends.
             model = self._models[key] = self._new_model(key)
+            self._borrowed[key] = self._neighbours
         return model
 
     def _new_model(self, key: ClassKey) -> DurationModel:
@@ -153,17 +169,26 @@ class LearnedDurations:
         return attrs.evolve(model, prior_median=median, prior_sigma=sigma)
 
     def observe(self, key: ClassKey, seconds: float) -> None:
-        self.model(key).observe(seconds)
+        model = self.model(key)
+        model.observe(seconds)
         self.version += 1
+        if model.count & (model.count - 1) == 0:  # 1, 2, 4, 8, ...: worth borrowing anew
+            self._neighbours += 1
 
     def load(self, summaries: Mapping[ClassKey, DurationSummary]) -> None:
         """Start each class from a summary an earlier run saved (worth at most
         :data:`LOADED_WEIGHT_CAP` observations). A class already learned here keeps its own
-        observations and gains the loaded ones."""
+        observations and gains the loaded ones. A class new here starts from the policy's
+        prior, whatever else is loaded (so it fits as the run that saved it did, whatever
+        the order of the summaries)."""
         for key, summary in summaries.items():
             if summary.count:
-                self.model(key).absorb(summary.capped(LOADED_WEIGHT_CAP))
+                model = self._models.get(key)
+                if model is None or model.count == 0:
+                    model = self._models[key] = self._policy.duration_model()
+                model.absorb(summary.capped(LOADED_WEIGHT_CAP))
         self.version += 1
+        self._neighbours += 1
 
     def summaries(self) -> dict[ClassKey, DurationSummary]:
         """Every class with observations, for a store to keep."""
@@ -172,7 +197,9 @@ class LearnedDurations:
     def reset(self) -> None:
         """Forget every class (each starts again from the policy's prior)."""
         self._models.clear()
+        self._borrowed.clear()
         self.version += 1
+        self._neighbours += 1
 
 
 #: Seconds between two saves while the statistics move: a crash loses at most this much.

@@ -72,6 +72,8 @@ CREATE INDEX IF NOT EXISTS kling_jobs_task_id ON kling_jobs (task_id);
 """
 #: Learned durations, one row per class (model, mode, clip length). Added after layout 1 was
 #: first written, so it is created in any file that lacks it (an older journal gains it).
+#: ``WITHOUT ROWID``: the key is the table, one page for a handful of classes (no index page
+#: beside it), so a journal on a nearly full disk pays little for it.
 _DURATIONS: Final = """
 CREATE TABLE IF NOT EXISTS kling_durations (
     model TEXT NOT NULL,
@@ -79,7 +81,7 @@ CREATE TABLE IF NOT EXISTS kling_durations (
     duration TEXT NOT NULL,
     summary TEXT NOT NULL,
     PRIMARY KEY (model, mode, duration)
-)
+) WITHOUT ROWID
 """
 _SAVE_DURATION: Final = (
     "INSERT INTO kling_durations (model, mode, duration, summary) VALUES (?, ?, ?, ?) "
@@ -312,7 +314,7 @@ class SQLiteJobStore:
         if self._version(db) is None:
             db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _TABLES.split(";"):
+                for statement in [*_TABLES.split(";"), _DURATIONS]:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(
