@@ -136,9 +136,9 @@ def _hinted_pool() -> tuple[Tracker, PollerPool, Job, Entry, ka.PollPolicy]:
 
 
 def _next_due(pool: PollerPool, entry: Entry) -> float:
-    due = [item[0] for item in pool._heap if item[2] is entry and item[1] == entry.poll_token]
-    assert len(due) == 1
-    return due[0] - time.monotonic()
+    due = pool.scheduled(entry)
+    assert due is not None
+    return due - time.monotonic()
 
 
 RUNNING = ka.Task(task_id="t-1", status=ka.TaskStatus.PROCESSING)

@@ -14,9 +14,11 @@ collector tracks goes to its permanent generation. Later full passes walk only w
 since, and freezing costs no pause of its own.
 
 The collector is process-wide, and so is this, which is why it is done only by a client that
-has so many jobs, and undone: when the last client that froze closes, :func:`gc.unfreeze` puts
-everything back in the oldest generation, where a closed client's objects (which refer to
-each other: the collector, not reference counts, frees them) are freed by the next full pass.
+has so many jobs, and undone: when a client that froze closes, :func:`gc.unfreeze` puts
+everything back in the oldest generation, where its objects (which refer to each other: the
+collector, not reference counts, frees them) are freed by the next full pass; a client still
+open freezes its own again after its next burst of jobs, with one full pass first, so a
+closed client's objects are never frozen again.
 Two consequences for an application: garbage that was already old at a freeze (it would
 have waited for a full pass anyway) waits until then too, and an application that freezes
 for its own reasons (before forking workers) sees its objects unfrozen when such a client
@@ -40,6 +42,9 @@ class Collector:
     FREEZE_EVERY: ClassVar[int] = 10_000
     #: Clients whose freezes are in force (the last to close unfreezes).
     _freezers: ClassVar[int] = 0
+    #: A client closed while others froze: everything was unfrozen, and the next freeze
+    #: makes a full pass first, so the closed client's objects are freed, not frozen again.
+    _thawed: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._grown = 0
@@ -65,7 +70,11 @@ class Collector:
         self._grown = 0
         if self._closed:
             return
-        gc.collect(1)  # the young garbage is freed, not frozen
+        if Collector._thawed:
+            Collector._thawed = False
+            gc.collect()  # once after a client closed: its objects go, not into the freeze
+        else:
+            gc.collect(1)  # the young garbage is freed, not frozen
         gc.freeze()
         if not self._froze:
             self._froze = True
@@ -78,5 +87,9 @@ class Collector:
             return
         self._froze = False
         Collector._freezers -= 1
-        if not Collector._freezers:
-            gc.unfreeze()
+        # Its objects must be collectable once its user lets go of it: everything goes back
+        # to the oldest generation (where full passes, natural or ours, free them); clients
+        # still open freeze theirs again after their next burst of jobs.
+        gc.unfreeze()
+        if Collector._freezers:
+            Collector._thawed = True

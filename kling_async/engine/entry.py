@@ -9,7 +9,7 @@ weak-reference slot. Every field reads and writes as a plain attribute all the s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from kling_async.protocol.schedule import ClassKey
 
@@ -17,9 +17,15 @@ if TYPE_CHECKING:
     from kling_async.engine.jobs import Job
     from kling_async.protocol.models import Task
 
-__all__ = ["Entry"]
+__all__ = ["Entry", "HeapItem"]
 
 T = TypeVar("T")
+
+
+class HeapItem(Protocol):
+    """What the poller pool's heap orders: an :class:`Entry`, or a poll brought forward."""
+
+    heap_key: float | None
 
 
 class _Flag:
@@ -122,6 +128,7 @@ class Entry:
         "answer_hash",
         "class_key",
         "due",
+        "heap_key",
         "job",
         "poll_token",
         "polled_at",
@@ -147,6 +154,7 @@ class Entry:
     #: Another client of a shared account owns the job: this one keeps its state as it is
     #: told (``replicate``), never polls it, never writes it, never ends it.
     replica = _Flag(128)
+    # (Eight flags at most: ``_flags`` stays a small int, which CPython shares.)
 
     #: When an outside hint (a callback) last came for its task: while hints come, the
     #: pollers keep only a safety-net poll for it.
@@ -183,9 +191,12 @@ class Entry:
         #: When its task was last seen (a poll or a sweep; None before): a sweep's page
         #: shares one such instant among its 500 tasks, where ages would be 500 floats.
         self.polled_at: float | None = None
-        #: The schedule: the token of its live heap item, and when that poll is due.
+        #: The schedule: the token of its latest schedule, and when that poll is due.
         self.poll_token = 0
         self.due = 0.0
+        #: The instant it is filed under in the pool's heap, None while it is not in it (it
+        #: is there at most once; see the pool's class comment).
+        self.heap_key: float | None = None
         #: The number of the last list sweep that saw its task (see the poller pool).
         self.swept = 0
         #: The last poll's answer: its fingerprint and the task it gave, reused while the
@@ -196,9 +207,10 @@ class Entry:
     def __repr__(self) -> str:
         return f"Entry(job={self.job!r}, due={self.due!r}, poll_token={self.poll_token!r})"
 
-    def __lt__(self, other: Entry) -> bool:
-        # Heap items that tie on (due, token) compare their entries: any fixed order will do.
-        return id(self) < id(other)
+    def __lt__(self, other: HeapItem) -> bool:
+        # The entry is its own item in the pool's heap (no tuple per schedule), and every
+        # item there has a key.
+        return self.heap_key < other.heap_key  # type: ignore[operator]
 
     @property
     def poll_age(self) -> float:

@@ -60,7 +60,8 @@ _FIRST_PROBE_AFTER = 4
 #: a task that ended unnoticed, and a poll soon sees it; more would only hide a raised limit.
 _MAX_PROBE_EXTRA = 2
 #: A slot probe goes once the tasks holding slots have, by their duration models, this many
-#: unnoticed ends expected between them (beyond the slots accepted probes already took).
+#: ends expected between them since they were last known to run (a poll, or the last probe's
+#: answer: a refused one says all ran, an accepted one that all but one did).
 _PROBE_THRESHOLD = 0.3
 #: Successes at the limit between probes never exceed this, so a raised cap is found.
 _MAX_PROBE_AFTER = 256
@@ -280,13 +281,16 @@ class AdaptiveLimit:
         self.peak_active = max(self.peak_active, self.active)
 
     def release(self, job_id: str) -> None:
+        self._give_back(job_id, ended=True)
+
+    def _give_back(self, job_id: str, *, ended: bool) -> None:
         if job_id not in self._holders:
             log.error("a slot was released twice for job %s; the count is unchanged", job_id)
             return
         self._holders.discard(job_id)
         self._in_flight.discard(job_id)
-        if self._probe_debts:
-            self._probe_debts.popleft()  # a slot given back: the oldest probe is paid for
+        if ended and self._probe_debts:
+            self._probe_debts.popleft()  # a task of ours seen to end: the oldest probe is paid
         self._notify()
 
     def answered(self, job_id: str, outcome: CreateOutcome) -> None:
@@ -298,7 +302,7 @@ class AdaptiveLimit:
         elif outcome == "refused":
             self._refused(job_id)
         elif outcome == "failed":
-            self.release(job_id)
+            self._give_back(job_id, ended=False)  # no task: it pays no probe's debt
         # "landed": the task exists unseen; its slot stays held and nothing is learned.
 
     def _created(self) -> None:
@@ -338,7 +342,7 @@ class AdaptiveLimit:
             self._all_running_at = self._last_slot_probe  # when it was sent
             self._holders.discard(job_id)
         elif outcome == "failed":
-            self.release(job_id)
+            self._give_back(job_id, ended=False)
             return
         self._notify()
 

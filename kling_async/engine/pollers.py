@@ -36,8 +36,9 @@ from kling_async.http.resources import TaskResource
 from kling_async.protocol.poll import PollPolicy
 
 if TYPE_CHECKING:
+    from kling_async.engine.entry import Entry, HeapItem
     from kling_async.engine.jobs import Job
-    from kling_async.engine.tracker import Entry, Tracker
+    from kling_async.engine.tracker import Tracker
     from kling_async.protocol.models import Task
 
 __all__ = ["PollerPool"]
@@ -61,12 +62,32 @@ _YIELD_EVERY = 100
 _DUE_WITHIN = 0.001
 
 
-#: Superseded heap items dropped in one go, at most.
+#: Superseded heap items dropped in one go, at most; an entry put back in at its due counts
+#: as ``_REFILE_COST`` drops (a pop in C against a push that compares entries in Python).
 _DROPS_PER_TURN = 2000
+_REFILE_COST = 4
 
 
 class _Turn(enum.Enum):
     AGAIN = "again"  # see ``PollerPool._take``
+
+
+class _Early:
+    """A poll brought forward while its entry waits in the heap under a later key: the
+    entry stays where it is (it cannot be moved without knowing its place), and this item
+    stands for the poll until a later schedule supersedes it (its ``token`` is no longer
+    the entry's). Hints and the odd schedule that moves a poll up make these; every other
+    schedule costs no item of its own."""
+
+    __slots__ = ("entry", "heap_key", "token")
+
+    def __init__(self, entry: Entry, due: float, token: int) -> None:
+        self.entry = entry
+        self.heap_key: float | None = due
+        self.token = token
+
+    def __lt__(self, other: HeapItem) -> bool:
+        return self.heap_key < other.heap_key  # type: ignore[operator]  # (never None there)
 
 
 class _Idle:
@@ -86,10 +107,16 @@ class PollerPool:
     tracker (:meth:`Tracker.snapshot`, :meth:`Tracker.fail`), which owns the job's state.
     """
 
-    # The heap holds (due, token, entry); an item whose token is no longer the entry's was
-    # superseded by a later schedule and is skipped when it comes up. (Entries order among
-    # themselves, so two items due at the same instant with the same token never fail to
-    # compare.)
+    # The heap holds the entries themselves, each at most once, filed under ``heap_key``
+    # (the due of the schedule that put it there): following 100,000 tasks costs the heap a
+    # pointer each, and a sweep that reschedules them all pushes nothing. A schedule while
+    # the entry is in the heap only changes its ``due`` when that is later than its key:
+    # when the entry comes up it goes back in at its due (a poll put off, the usual case:
+    # each snapshot puts the next poll further away). A schedule that moves the poll up
+    # pushes an ``_Early`` item for it, which a later schedule supersedes (its token is no
+    # longer the entry's), and the entry, when it comes up at its later key, is dropped.
+    # An entry whose job ended or is no longer followed (another job follows its task,
+    # another client owns it) is dropped when it comes up, as is a superseded ``_Early``.
     #
     # Pollers take due items themselves: one that finishes a poll takes the next due one
     # at once, and one with nothing due waits in ``_idle``. One timer (the event loop's
@@ -116,7 +143,7 @@ class PollerPool:
         self._list_sweep = list_sweep
         self._sweep_threshold = sweep_threshold
         self._rng = rng or random.Random()
-        self._heap: list[tuple[float, int, Entry]] = []
+        self._heap: list[Entry | _Early] = []
         self._idle: deque[_Idle] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -218,24 +245,60 @@ class PollerPool:
         entry.poll_token = token = entry.poll_token + 1
         entry.due = due
         entry.pinned = pinned
-        heapq.heappush(self._heap, (due, token, entry))
+        key = entry.heap_key
+        if key is None:
+            entry.heap_key = due
+            heapq.heappush(self._heap, entry)
+        elif due < key:
+            heapq.heappush(self._heap, _Early(entry, due, token))
+        # else: the entry comes up at its key first, and goes back in at ``due`` then.
         if self._idle and due < self._timer_at:
             self._release()  # a new head while pollers wait: hand it over, or re-arm
 
     # --- handing due polls to pollers ------------------------------------------------------
 
+    def scheduled(self, entry: Entry) -> float | None:
+        """When the heap has the entry's next poll due (None: it has none). It looks through
+        the whole heap: for tests and debugging, not for the pool's own use."""
+        for item in self._heap:
+            if isinstance(item, _Early):
+                if item.entry is entry and item.token == entry.poll_token:
+                    return item.heap_key
+            elif item is entry and entry.heap_key is not None and entry.due >= entry.heap_key:
+                return entry.due
+        return None
+
     def _drop_superseded(self) -> bool:
-        """Drop superseded items off the heap's head; False if there were so many that the
-        rest must wait for the next turn of the loop (a sweep that rescheduled 100,000
-        tasks leaves as many items behind, all due)."""
+        """Settle the heap's head: drop the items that no longer stand for a poll, and put
+        the entries whose poll was put off back in at their due, until the head is a poll
+        meant at its key. False if there were so many that the rest must wait for the next
+        turn of the loop (100,000 tasks whose first polls a sweep put off all come up)."""
         heap = self._heap
-        for _ in range(_DROPS_PER_TURN):
+        following = self.following
+        budget = _DROPS_PER_TURN
+        while budget > 0:
+            budget -= 1
             if not heap:
                 return True
-            _, token, entry = heap[0]
-            if token == entry.poll_token and not entry.job.done:
+            item = heap[0]
+            if isinstance(item, _Early):
+                entry = item.entry
+                if item.token == entry.poll_token and not entry.job.done:
+                    return True
+                heapq.heappop(heap)
+                continue
+            job, due, key = item.job, item.due, item.heap_key
+            if key is None or due < key or job.done or following.get(job.task_id or "") is not job:
+                # Moved up (an ``_Early`` has it), ended, or followed by another job or
+                # another client now.
+                item.heap_key = None
+                heapq.heappop(heap)
+            elif due == key:
                 return True
-            heapq.heappop(heap)
+            else:
+                item.heap_key = due  # put off: back in at its due
+                heapq.heapreplace(heap, item)
+                budget -= _REFILE_COST - 1
         return False
 
     def _take(self) -> tuple[Entry, int] | _Turn | None:
@@ -244,9 +307,12 @@ class PollerPool:
         if not self._drop_superseded():
             return _Turn.AGAIN
         heap = self._heap
-        if heap and heap[0][0] <= time.monotonic() + _DUE_WITHIN:
-            _, token, entry = heapq.heappop(heap)
-            return entry, token
+        if heap and (key := heap[0].heap_key) is not None and key <= time.monotonic() + _DUE_WITHIN:
+            item = heapq.heappop(heap)
+            if isinstance(item, _Early):
+                return item.entry, item.token
+            item.heap_key = None
+            return item, item.poll_token
         return None
 
     def _release(self) -> None:
@@ -269,8 +335,8 @@ class PollerPool:
         heap = self._heap
         if not self._drop_superseded():
             head = -math.inf  # more to drop: at the next turn
-        elif heap:
-            head = heap[0][0]
+        elif heap and (key := heap[0].heap_key) is not None:
+            head = key
         else:
             return
         if head >= self._timer_at:

@@ -35,7 +35,14 @@ from kling_async._errors import KlingError, RestoredError, ValidationError
 from kling_async.engine.collector import Collector
 from kling_async.engine.durations import DurationStats
 from kling_async.engine.entry import Entry
-from kling_async.engine.jobs import EventHub, Job, JobStatus, error_message, error_type
+from kling_async.engine.jobs import (
+    EventHub,
+    Job,
+    JobStatus,
+    error_message,
+    error_type,
+    shared_monotonic,
+)
 from kling_async.engine.limits import CreateOutcome, SlotLimiter
 from kling_async.engine.store import JobRecord, StoreWriter
 from kling_async.protocol.models import Task, TaskStatus, Text2VideoRequest
@@ -67,6 +74,33 @@ class Disowned(Exception):
     """The job belongs to another client of the shared account: nothing of it is sent here."""
 
 
+class _ByTask:
+    """task_id -> job, for look-ups by task id. A job whose id is its task id (every job
+    ``track`` made) is found in ``jobs``, which holds it already: it gets no entry of its own
+    here, which at 100,000 tracked jobs saves a dict entry (about 40 bytes) apiece. A job
+    named here for a task wins over one found that way, as a later assignment would."""
+
+    __slots__ = ("_jobs", "_named")
+
+    def __init__(self, jobs: dict[str, Job]) -> None:
+        self._jobs = jobs
+        self._named: dict[str, Job] = {}
+
+    def __setitem__(self, task_id: str, job: Job) -> None:
+        if job.id == task_id:
+            self._named.pop(task_id, None)  # ``jobs`` has it (registered first)
+        else:
+            self._named[task_id] = job
+
+    def get(self, task_id: str) -> Job | None:
+        job = self._named.get(task_id)
+        if job is None:
+            job = self._jobs.get(task_id)
+            if job is not None and job.task_id != task_id:
+                return None
+        return job
+
+
 class Tracker:
     """Owns jobs, their slots and their ends; see the module docstring."""
 
@@ -85,7 +119,7 @@ class Tracker:
         self.pollers: PollerPool | None = None
         #: Every job of this client, by id and by task id (ended ones too: they still answer).
         self.jobs: dict[str, Job] = {}
-        self.by_task: dict[str, Job] = {}
+        self.by_task = _ByTask(self.jobs)
         #: task_id -> job, for the jobs being followed (polled) now.
         self.following: dict[str, Job] = {}
         #: task_id -> other jobs of the same task (one tracked before the job that created it
@@ -182,7 +216,7 @@ class Tracker:
 
     def _hold_and_follow(self, job: Job, *, poll_now: bool) -> None:
         entry = self.entry(job)
-        entry.started_at = time.monotonic()
+        entry.started_at = shared_monotonic()  # a burst of tracks shares one float
         self.slots.hold(job.id)
         entry.holds_slot = True
         self._follow(job, poll_now=poll_now)
@@ -576,16 +610,23 @@ class Tracker:
         )
 
 
+def _log_erfc(x: float) -> float:
+    """log(erfc(x)), also where erfc underflows (far in a class's tail): for large x,
+    erfc(x) ~ exp(-x^2) / (x sqrt(pi)) (1 - 1/(2x^2))."""
+    if x < 5.0:
+        return math.log(math.erfc(x))
+    return -x * x - math.log(x * math.sqrt(math.pi)) + math.log1p(-0.5 / (x * x))
+
+
 def _ended_since(fit: tuple[float, float], seen: float, now: float) -> float:
     """P(a log-normal task alive at age ``seen`` ended by age ``now``); ``fit`` is
-    (log median, sigma * sqrt 2)."""
+    (log median, sigma * sqrt 2). Worked in log space, so a task far past its class's
+    durations still expects only its (small) tail hazard's worth of ends in a moment."""
     if now <= seen:
         return 0.0
     mu, scale = fit
-    alive_then = math.erfc((math.log(seen) - mu) / scale)
-    if alive_then < 1e-12:
-        return 0.5  # far past its class's durations: anyone's guess
-    return 1.0 - math.erfc((math.log(now) - mu) / scale) / alive_then
+    survived = _log_erfc((math.log(now) - mu) / scale) - _log_erfc((math.log(seen) - mu) / scale)
+    return -math.expm1(min(0.0, survived))
 
 
 def _class_of(request: Text2VideoRequest) -> ClassKey:

@@ -48,6 +48,7 @@ from kling_async.protocol.models import (
     TaskStatus,
     Text2VideoRequest,
     Video,
+    WireInstant,
 )
 
 __all__ = [
@@ -97,6 +98,33 @@ def _ms_to_datetime(value: Any, _type: object = None) -> datetime | None:
         return datetime.fromtimestamp(value / 1000, tz=UTC)
     except (OverflowError, OSError, ValueError):
         return None
+
+
+#: Instants decoded lately, by value, so that equal ones share one float: a task created and
+#: not yet changed, the tasks of one burst. Emptied when full: it only has to span a page.
+_INSTANTS: dict[float, WireInstant] = {}
+_INSTANTS_KEPT = 1024
+#: Unix milliseconds from 0 up to here (9999-12-31T23:59:59Z) surely make a datetime.
+_SURELY_VALID_MS = 253_402_300_799_000
+
+
+def _wire_instant(value: Any, _type: object = None) -> WireInstant | None:
+    """``created_at`` / ``updated_at``: what :func:`_ms_to_datetime` accepts, kept as the
+    number (the task makes the datetime when it is read: see ``Task``), else None."""
+    kind = type(value)
+    if (kind is int or kind is float) and 0 <= value < _SURELY_VALID_MS:
+        instant = _INSTANTS.get(value)
+        if instant is not None:
+            return instant
+    elif _ms_to_datetime(value) is None:  # any other form, judged as it always was
+        return None
+    millis = float(value)  # exact: a valid instant's milliseconds are far below 2**53
+    instant = _INSTANTS.get(millis)
+    if instant is None:
+        if len(_INSTANTS) >= _INSTANTS_KEPT:
+            _INSTANTS.clear()
+        instant = _INSTANTS[millis] = WireInstant(millis)
+    return instant
 
 
 def _structure_duration(value: Any, _type: object = None) -> float | None:
@@ -219,8 +247,8 @@ _task_from_wire = make_dict_structure_fn(
     status_message=override(rename="task_status_msg", struct_hook=_text_or_empty),
     external_task_id=override(rename="task_info", struct_hook=_wire_external_id),
     videos=override(rename="task_result", struct_hook=_wire_videos),
-    created_at=override(struct_hook=_ms_to_datetime),
-    updated_at=override(struct_hook=_ms_to_datetime),
+    created_at=override(struct_hook=_wire_instant),
+    updated_at=override(struct_hook=_wire_instant),
     final_unit_deduction=override(struct_hook=_wire_deduction),
 )
 
