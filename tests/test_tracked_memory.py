@@ -213,3 +213,13 @@ async def test_a_job_no_longer_followed_is_not_polled() -> None:
             await anyio.lowlevel.checkpoint()
         group.cancel_scope.cancel()
     assert answers.asked == ["kept"] and kept.task is not None and dropped.task is None
+
+
+def test_a_timestamp_too_large_for_a_float_reads_as_unknown() -> None:
+    """Callback bodies come from outside: an instant no float holds is unknown, as any other
+    malformed timestamp, never an OverflowError out of the decoder."""
+    for value in (10**400, -(10**400), str(10**400)):
+        task = ka.Task.from_wire(
+            {"task_id": "t-1", "task_status": "submitted", "created_at": value}
+        )
+        assert task.created_at is None

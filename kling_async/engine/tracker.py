@@ -470,8 +470,10 @@ class Tracker:
             if fit is None:
                 median, sigma = self.durations.model(entry.class_key).fit()
                 fit = fits[entry.class_key] = (math.log(median), sigma * math.sqrt(2.0))
-            seen = max(entry.started_at + entry.poll_age, running_at) - entry.started_at
-            total += _ended_since(fit, max(seen, 1e-9), max(now - entry.started_at, 1e-9))
+            polled = entry.polled_at
+            seen = max(entry.started_at if polled is None else polled, running_at)
+            age = now - entry.started_at
+            total += _ended_since(fit, max(seen - entry.started_at, 1e-9), max(age, 1e-9))
         return total
 
     def pushes(self, entry: Entry) -> bool:

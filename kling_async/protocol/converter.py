@@ -92,9 +92,9 @@ def _ms_to_datetime(value: Any, _type: object = None) -> datetime | None:
                 return None
         if not isinstance(value, (int, float)):
             return None
-    if not math.isfinite(value):
-        return None
-    try:
+    try:  # an int too large for a float (outside input) overflows here too
+        if not math.isfinite(value):
+            return None
         return datetime.fromtimestamp(value / 1000, tz=UTC)
     except (OverflowError, OSError, ValueError):
         return None
