@@ -102,11 +102,6 @@ async def test_links_are_right_under_any_prefix() -> None:
 # --- entry.pushed: a create of an earlier run, found by a lookup --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tracker.py:325 marks a resumed job pushed when a lookup finds the task an earlier "
-    "run created (with another callback URL, or none): left to the safety net, it is seen late",
-)
 async def test_a_resumed_create_found_by_lookup_is_not_left_to_the_safety_net() -> None:
     poll = attrs.evolve(ka.PollPolicy().scaled(SCALE), safety_interval=60.0)
     async with Emulator(

@@ -247,7 +247,13 @@ class Submitter:
     def _created(self, job: Job, state: CreateState, task: Task, sent_at: float) -> None:
         self._pending.pop(job, None)
         self.stats.submitted += 1
-        self._tracker.created(job, task, sent_at, possible_duplicate=state.possible_duplicate)
+        self._tracker.created(
+            job,
+            task,
+            sent_at,
+            possible_duplicate=state.possible_duplicate,
+            earlier_run=state.earlier_runs_task,
+        )
 
     async def _find(self, job: Job, state: CreateState, sent_at: float) -> None:
         try:

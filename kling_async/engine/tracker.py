@@ -376,8 +376,20 @@ class Tracker:
         if not job.done and job.status is not JobStatus.QUEUED:
             self._changed(job, JobStatus.QUEUED, job.task)
 
-    def created(self, job: Job, task: Task, sent_at: float, *, possible_duplicate: bool) -> None:
-        """The job's task exists and was seen: follow it from its submission time."""
+    def created(
+        self,
+        job: Job,
+        task: Task,
+        sent_at: float,
+        *,
+        possible_duplicate: bool,
+        earlier_run: bool = False,
+    ) -> None:
+        """The job's task exists and was seen: follow it from its submission time.
+
+        ``earlier_run``: the task may be an earlier run's (a resumed create found by lookup),
+        sent with whatever callback URL that run had, or none: it is polled on its schedule,
+        not left to the safety net as a task whose callbacks come here."""
         if job.done:
             self._give_back(job, self.entry(job))  # nothing will end it again
             return
@@ -400,6 +412,7 @@ class Tracker:
         request = job.request
         entry.pushed = (
             self.callback_url is not None
+            and not earlier_run
             and request is not None
             and request.callback_url in (None, self.callback_url)
         )

@@ -158,6 +158,14 @@ class CreateState:
 
     #: The unsettled outcome is an earlier run's, not one seen here.
     resumed: bool = False
+    #: The task came from a lookup (or a refused repeat), not from a POST answered here.
+    adopted: bool = False
+
+    @property
+    def earlier_runs_task(self) -> bool:
+        """The task may be one an earlier run created, with callbacks of its own (or none):
+        only a resumed create adopted without a POST of this run answering says so."""
+        return self.resumed and self.adopted
 
     @classmethod
     def from_earlier_run(cls, external_task_id: str) -> CreateState:
@@ -287,6 +295,7 @@ async def find_landed(
                 looks,
             )
             state.unsettled = None
+            state.adopted = True
             return task
         if looks in (1, 10, 100) or looks % 1000 == 0:
             log.warning(
@@ -426,6 +435,7 @@ def _found(state: CreateState, task: Task) -> Task:
         task.task_id,
     )
     state.unsettled = None
+    state.adopted = True
     return task
 
 
