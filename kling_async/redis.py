@@ -664,6 +664,11 @@ class _Slots:
             if kind == "ok":
                 self._seen(answer[1], answer[2], float(answer[3]))
                 self.held.add(job_id)
+                if job_id in self.gone:
+                    # Disowned while the lease was in flight (another client's record
+                    # landed first): the job is that client's, and it waits for this very
+                    # slot. Kept, the lease would be renewed for a job no one here follows.
+                    self.release(job_id)
                 return
             if kind == "fatal":
                 b.told_stop(answer[1])
@@ -928,7 +933,9 @@ class _Store:
             if job_id not in skipped:
                 self._written[job_id] = digest
         if skipped:
-            b.disowned(skipped)
+            # Another client's record of these ids landed first: they are its jobs, and it
+            # waits for any slot this client leased for them, so the leases go back now.
+            b.disowned(skipped, release=True)
 
     async def load(self) -> list[ka.JobRecord]:
         return [record for record, owner in await self._b.records() if owner == self._b.worker]
@@ -1139,9 +1146,15 @@ class _Binding:
     def taken(self, job_id: str) -> None:
         self.disowned([job_id])
 
-    def disowned(self, job_ids: Sequence[str]) -> None:
+    def disowned(self, job_ids: Sequence[str], *, release: bool = False) -> None:
+        """Another client owns these jobs now. ``release``: it has no slot for them yet and
+        waits for the one this client may hold (else an adopter has taken the lease over,
+        or it expires)."""
         for job_id in job_ids:
-            self._slots.held.discard(job_id)
+            if release:
+                self._slots.release(job_id)
+            else:
+                self._slots.held.discard(job_id)
             if job_id in self._slots.waiting:
                 self._slots.gone.add(job_id)
         self._slots.wake()

@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 import kling_async as ka
+import kling_async.redis as redis_module
 from kling_async.redis import RedisAccount
 from kling_async.testing import Emulator
 
@@ -79,6 +80,48 @@ async def test_one_id_given_to_two_clients_makes_one_task(server: RedisServer) -
                 assert job_a.task_id == job_b.task_id
                 assert job_a.status is job_b.status is ka.JobStatus.SUCCEEDED
             assert emu.stats.created_per_external_id == {"shared-1": 1}
+
+
+async def test_a_job_given_up_while_its_slot_is_being_leased_gives_the_slot_back(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fails before the fix: the other client's record landed (so this client's write was
+    refused and its job disowned) while this client's slot lease was in flight. The lease
+    came back granted, was kept, and was renewed by every heartbeat for a job this client
+    no longer followed: the owner waited for that slot forever (1 run in ~300 of
+    test_one_id_given_to_two_clients_makes_one_task on a busy machine)."""
+    real_script = redis_module._Binding.script
+    disowned_during: list[str] = []
+
+    def script(self: Any, source: str) -> Any:
+        run = real_script(self, source)
+        if source is not redis_module._ACQUIRE or disowned_during:
+            return run
+
+        async def acquire(*, keys: list[str], args: list[Any]) -> Any:
+            answer = await run(keys=keys, args=args)
+            if answer[0] in ("ok", b"ok"):
+                job_id = str(args[0])
+                disowned_during.append(job_id)
+                self.disowned([job_id])  # what a save refused for another owner's record does
+            return answer
+
+        return acquire
+
+    monkeypatch.setattr(redis_module._Binding, "script", script)
+    async with Emulator(time_scale=SCALE, seed=5, median_duration=5000.0) as emu:
+        async with client_for(emu, account=account(server)) as kling:
+            job = kling.submit(ka.Text2VideoRequest(prompt="raced", external_task_id="raced-1"))
+            with anyio.fail_after(10):
+                while not disowned_during:
+                    await anyio.sleep(0.01)
+            slots = kling._tracker.slots
+            redis = slots._b.redis
+            with anyio.fail_after(5):
+                while "raced-1" in slots.held or await redis.zscore(slots._b.keys.slots, "raced-1"):
+                    await anyio.sleep(0.05)
+            assert job.task_id is None
+            assert emu.stats.created_per_external_id == {}
 
 
 async def test_an_account_fatal_answer_met_by_one_client_stops_the_other(
