@@ -116,6 +116,7 @@ async def test_a_job_given_up_while_its_slot_is_being_leased_gives_the_slot_back
                 while not disowned_during:
                     await anyio.sleep(0.01)
             slots = kling._tracker.slots
+            assert isinstance(slots, redis_module._Slots)
             redis = slots._b.redis
             with anyio.fail_after(5):
                 while "raced-1" in slots.held or await redis.zscore(slots._b.keys.slots, "raced-1"):
