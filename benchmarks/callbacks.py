@@ -20,7 +20,8 @@ GETs by why they were made: confirming an end a callback claimed, a safety-net p
 whose callbacks came, a poll of a task no callback had reached; callback delivery and
 confirmation times; the median duration the client learned against the true one), then one
 ``callbacks_vs_polling`` line of ratios with the issue's targets (at most 2.2 requests per
-task with callbacks, lag p95 under 1 s).
+task with callbacks, lag p95 under 1 s). A ``callbacks_workload`` line comes first (the
+workload and this suite's time scale, for ``--plot``).
 
 Units, and why this suite's default ``--time-scale`` is 0.05, not the polling suite's 0.02.
 Lags are reported twice: ``lag_*_s`` in emulated seconds (as the polling suite does), and
@@ -285,6 +286,7 @@ def _compare(name: str, push: dict[str, Any], poll: dict[str, Any]) -> None:
 
 
 def run(w: Workload, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    w.describe("callbacks_workload")  # the time scale differs from the polling suite's
     results: dict[str, dict[str, Any]] = {}
     for name, mode in CONTENDERS.items():
         if only and name not in only:

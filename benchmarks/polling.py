@@ -12,7 +12,10 @@ end at once and lost no time would reach), 1303 answers, the creates beyond one 
 ``kling_async_warm`` is the SDK again, started with the duration statistics the cold
 ``kling_async`` run saved (its job store's), as a second batch on the same account would be.
 The ``polling_bound`` lines put the optimal inspection schedule for the *true* distribution
-at each SDK contender's own mean lag, so polls are compared at equal lag.
+at each SDK contender's own mean lag, so polls are compared at equal lag; the
+``polling_bound_curve`` lines trace that schedule's polls against its lag across lag weights
+(``lag_per_poll``), and ``polling_workload`` says what ran: what ``python -m benchmarks
+--plot`` (``benchmarks/plot.py``) draws, from this run or from its saved lines.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ from ._harness import EmulatorProcess, TaskTruth
 
 API_ROUTES = ("create", "get", "get_by_external_id", "list")
 DEFAULT_TIME_SCALE = 0.02
+#: The lag weights (``lag_per_poll``, seconds of lag a poll must save) the bound's curve is
+#: traced at: 0.02 to 2.56 s in steps of sqrt(2), mean lags of about 0.9 s to 8 s (below that,
+#: the schedule is at ``min_interval``: polls keep growing, lag hardly shrinks).
+CURVE_LAG_WEIGHTS = tuple(0.02 * 2 ** (i / 2) for i in range(15))
 
 
 @attrs.frozen
@@ -61,6 +68,14 @@ class Workload:
 
     def requests(self) -> list[ka.Text2VideoRequest]:
         return [ka.Text2VideoRequest(prompt=f"benchmark clip {i}") for i in range(self.tasks)]
+
+    def describe(self, name: str) -> None:
+        """Print the workload as one line (``NAME tasks=... seed=...``), for the plot's title."""
+        print(
+            f"{name} tasks={self.tasks} slots={self.slots} median_s={self.median:.3f} "
+            f"sigma={self.sigma:.3f} seed={self.seed} time_scale={self.time_scale:.4f}",
+            flush=True,
+        )
 
 
 @attrs.frozen
@@ -193,7 +208,9 @@ def _known_distribution(
     return polls / len(durations), lags / len(durations)
 
 
-def bound(w: Workload, durations: list[float], name: str, lag: float, polls: float) -> None:
+def bound(
+    w: Workload, durations: list[float], name: str, lag: float, polls: float
+) -> tuple[float, float]:
     """What no poller doing one GET per look can beat by much: the optimal inspection schedule
     for the *true* distribution (which the SDK has to learn), tuned to the mean lag ``lag``
     the contender ``name`` reached (so the two are compared at equal lag), on the durations
@@ -220,6 +237,31 @@ def bound(w: Workload, durations: list[float], name: str, lag: float, polls: flo
         f"polls_over_bound={polls / bound_polls:.3f}",
         flush=True,
     )
+    return bound_lag, bound_polls
+
+
+@attrs.frozen
+class CurvePoint:
+    """The optimal schedule for the true distribution at one lag weight."""
+
+    lag_per_poll: float
+    lag_mean_s: float
+    polls_per_task: float
+
+
+def bound_curve(w: Workload, durations: list[float]) -> list[CurvePoint]:
+    """The bound's polls against its lag, one point per lag weight in ``CURVE_LAG_WEIGHTS``;
+    each printed as a ``polling_bound_curve`` line."""
+    curve = []
+    for weight in CURVE_LAG_WEIGHTS:
+        polls, lag = _known_distribution(w, durations, weight)
+        curve.append(CurvePoint(weight, lag, polls))
+        print(
+            f"polling_bound_curve lag_per_poll={weight:.4f} lag_mean_s={lag:.3f} "
+            f"polls_per_task={polls:.3f}",
+            flush=True,
+        )
+    return curve
 
 
 def oracle_makespan(truth: list[TaskTruth], slots: int) -> float:
@@ -293,9 +335,21 @@ CONTENDERS: dict[str, Callable[[EmulatorProcess, Workload], object]] = {
 }
 
 
-def run(w: Workload, only: list[str] | None = None) -> dict[str, dict[str, float]]:
+@attrs.frozen
+class Results:
+    """What the suite printed, for the plot: per contender its figures, and the bound's curve."""
+
+    workload: Workload
+    contenders: dict[str, dict[str, float]]
+    #: contender -> (lag, polls) of the bound at its own lag (its ``polling_bound`` line)
+    bounds: dict[str, tuple[float, float]]
+    curve: list[CurvePoint]
+
+
+def run(w: Workload, only: list[str] | None = None) -> Results:
     if only and "kling_async_warm" in only and "kling_async" not in only:
         only = ["kling_async", *only]  # the warm run starts from the cold run's statistics
+    w.describe("polling_workload")
     results = {}
     durations: list[float] = []
     for name, contender in CONTENDERS.items():
@@ -304,9 +358,10 @@ def run(w: Workload, only: list[str] | None = None) -> dict[str, dict[str, float
         with w.emulator() as emu:
             outcome: Run = asyncio.run(contender(emu, w))  # type: ignore[arg-type]
             results[name], durations = _report(name, w, emu, outcome)
+    bounds = {}
     for name, result in results.items():
         if name.startswith("kling_async") and name != "kling_async_list_sweep":
-            bound(w, durations, name, result["lag_mean_s"], result["polls_per_task"])
+            bounds[name] = bound(w, durations, name, result["lag_mean_s"], result["polls_per_task"])
     base = results.get("fixed_6s_jitter")
     for name in ("kling_async", "kling_async_warm", "kling_async_unknown_limit"):
         ours = results.get(name)
@@ -319,4 +374,5 @@ def run(w: Workload, only: list[str] | None = None) -> dict[str, dict[str, float
                 f"makespan_over_oracle={ours['makespan_over_oracle']:.3f}",
                 flush=True,
             )
-    return results
+    curve = bound_curve(w, durations) if durations else []
+    return Results(w, results, bounds, curve)
