@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from .cli_helpers import (
     assert_complete,
     batch_command,
     check_no_key,
+    child_env,
     cli_process,
     created_for,
     finish,
@@ -405,7 +409,8 @@ def test_status_reports_the_journal_per_state(server: EmulatorProcess, tmp_path:
     assert "Video generation failed" in result.out
     missing = run_main(["status", str(tmp_path / "nowhere")])
     assert missing.code == 2
-    assert "no journal" in missing.out
+    assert "no journal" in missing.err  # errors go to stderr
+    assert missing.out == ""
 
 
 def test_live_progress_renders_and_finishes(server: EmulatorProcess, tmp_path: Path) -> None:
@@ -447,3 +452,110 @@ def test_the_emulator_command_prints_its_url_and_key_and_exits_0_on_ctrl_c() -> 
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=10)
     assert process.returncode == 0
+
+
+# --- usage errors name the subcommand; the emulator needs no rich ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["batch", "--bogus"], "usage: kling-async batch PROMPTS --out DIR [options]"),
+        (["batch", "p.txt", "--out", "o", "--bogus=1"], "usage: kling-async batch PROMPTS"),
+        (["batch", "p.txt", "--out", "o", "--mode", "fast"], "usage: kling-async batch PROMPTS"),
+        (["status", "--bogus"], "usage: kling-async status DIR [--journal PATH] [--json]"),
+        (["status"], "usage: kling-async status DIR"),
+        (["bogus"], "usage: kling-async [--version] {batch,status,emulator} ..."),
+    ],
+)
+def test_a_bad_flag_prints_the_usage_of_its_subcommand(argv: list[str], usage: str) -> None:
+    result = run_main(argv)
+    assert result.code == 2, result.text
+    assert result.out == ""
+    first, error = result.err.splitlines()
+    assert first.startswith(usage), result.err
+    command = " ".join(["kling-async", *argv[:1]]) if argv[0] != "bogus" else "kling-async"
+    assert error.startswith(f"{command}: error: "), error
+    assert error.endswith(f"(see {command} --help)"), error
+
+
+def test_an_unknown_option_is_named_before_missing_arguments() -> None:
+    result = run_main(["batch", "--bogus", "--api-kye", KEY])
+    assert result.code == 2
+    assert "unrecognized arguments: --bogus --api-kye" in result.err
+    assert "required" not in result.err
+
+
+#: Runs the command line with rich unimportable (as without the [cli] extra): a finder first
+#: in sys.meta_path refuses it.
+NO_RICH = """
+import sys
+
+class NoRich:
+    def find_spec(self, name, path=None, target=None):
+        if name == "rich" or name.startswith("rich."):
+            raise ImportError("No module named 'rich' (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, NoRich())
+from kling_async.cli import main
+code = main(sys.argv[1:])
+assert not any(name == "rich" or name.startswith("rich.") for name in sys.modules)
+raise SystemExit(code)
+"""
+
+
+def without_rich(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(  # noqa: S603
+        [sys.executable, "-c", NO_RICH, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(KLING_API_KEY=KEY),
+        cwd=ROOT,
+    )
+
+
+def test_the_emulator_serves_without_rich() -> None:
+    process = without_rich("emulator", "--time-scale", "0.01", "--api-key", "sk-no-rich-1")
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert url.startswith("url=http://127.0.0.1:"), url
+        request = urllib.request.Request(  # noqa: S310 (the loopback URL it printed)
+            url.removeprefix("url=") + "/v1/videos/text2video",
+            data=json.dumps({"prompt": "a fox"}).encode(),
+            headers={"Authorization": "Bearer sk-no-rich-1", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            answer = json.loads(response.read())
+        assert answer["code"] == 0 and answer["data"]["task_id"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "expected"),
+    [
+        (["--help"], 0, "usage: kling-async"),
+        (["--version"], 0, "kling-async "),
+        (["batch", "--help"], 0, "usage: kling-async batch PROMPTS --out DIR [options]"),
+        (["status", "--help"], 0, "usage: kling-async status DIR"),
+        (["emulator", "--help"], 0, "usage: kling-async emulator"),
+        (["batch", "--bogus"], 2, "usage: kling-async batch PROMPTS --out DIR [options]"),
+        (["emulator", "--bogus"], 2, "usage: kling-async emulator"),
+        (["batch", "p.txt", "--out", "o"], 2, "kling-async batch: needs the cli extra (rich): pip"),
+        (["status", "o"], 2, "kling-async status: needs the cli extra (rich): pip install"),
+    ],
+)
+def test_help_usage_and_a_clear_refusal_without_rich(
+    argv: list[str], code: int, expected: str
+) -> None:
+    process = without_rich(*argv)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == code, out + err
+    assert expected in out + err
+    assert "Traceback" not in err

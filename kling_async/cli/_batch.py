@@ -50,10 +50,10 @@ import kling_async as ka
 from ._files import PART_SUFFIX, disk_full_message, is_disk_full
 from ._jobs import BatchJobs, job_record, write_failure
 from ._journal import Journal, JournalRow, stored_request
-from ._progress import Reporter
 from ._rows import Phase, RowState
 
 if TYPE_CHECKING:
+    from ._progress import Reporter
     from ._shared import Look, SharedBatch
 
 __all__ = [
@@ -405,6 +405,7 @@ class BatchRunner:
     ) -> None:
         text = str(error) if error is not None else "the job ended without a result"
         changes["error"] = text
+        state.error_code = error.code if isinstance(error, ka.APIError) else None
         phase = Phase.ERROR
         if self._jobs.failure is not None:
             # The journal cannot be written (said once, as the run stops): not a row's news.
@@ -465,7 +466,8 @@ class BatchRunner:
     async def _download(self, state: RowState, task: ka.Task) -> None:
         settings = self._downloads
         async with self._download_slots:
-            state.move(Phase.DOWNLOADING)
+            if state.move(Phase.DOWNLOADING):
+                self._reporter.changed(state, None)  # counted, and an event with --json
             target = self._out / state.record.file
             source: ka.Task | str = task
             if state.row.key in self._refresh:
@@ -486,6 +488,7 @@ class BatchRunner:
                     message = f"download failed: {disk_full_message(self._out)}"
                 else:
                     message = f"download failed: {exc}"
+                state.error_code = exc.code if isinstance(exc, ka.APIError) else None
                 # The task succeeded; its file is not on disk (a row once done included).
                 self._writer.update(state.row.key, outcome=None, error=message)
                 self._end(state, Phase.ERROR, message)

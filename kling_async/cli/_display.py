@@ -12,9 +12,10 @@ parses for markup or emoji codes.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.text import Text
 
 __all__ = ["plain", "printable"]
 
@@ -38,4 +39,6 @@ def printable(text: str) -> str:
 
 def plain(text: str, style: str = "") -> Text:
     """``text`` escaped, as a rich ``Text``: printed as it is, never read as markup."""
+    from rich.text import Text  # here: printable() must work without the [cli] extra
+
     return Text(printable(text), style=style)

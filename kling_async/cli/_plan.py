@@ -1,8 +1,10 @@
 """``batch --dry-run``: what a run would do, from the file and the journal; nothing is sent,
-nothing is created (not even the journal or the output directory)."""
+nothing is created (not even the journal or the output directory). With ``--json``, one
+``plan`` object on stdout (the steps per row) instead of the table."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 from rich.console import Console
@@ -10,8 +12,10 @@ from rich.table import Table
 
 from ._display import plain
 from ._journal import JournalError, JournalRow, existing_rows
+from ._messages import say, tell
+from ._progress import write_json_line
 from ._prompts import PromptFile
-from ._run import EXIT_OK, EXIT_USAGE, say
+from ._run import EXIT_OK, EXIT_USAGE
 from ._settings import NO_KEY_HINT, BatchSettings
 
 __all__ = ["show_plan"]
@@ -50,8 +54,40 @@ def show_plan(settings: BatchSettings, prompt_file: PromptFile, console: Console
         )
         return EXIT_USAGE
     rows = prompt_file.rows
-    plan = Counter(_step(settings, records.get(row.key), row.request_hash) for row in rows)
+    steps = [_step(settings, records.get(row.key), row.request_hash) for row in rows]
+    plan = Counter(steps)
     journal = "new" if found is None else f"batch {meta.get('batch_id')}"
+    if settings.json:
+        write_json_line(
+            sys.stdout,
+            {
+                "event": "plan",
+                "prompts": str(prompt_file.path),
+                "rows": len(rows),
+                "backend": settings.backend,
+                "rules": settings.profile.name,
+                "journal": str(settings.journal),
+                "batch_id": None if found is None else meta.get("batch_id"),
+                "out": str(settings.out),
+                "shared": settings.redis_url is not None,
+                "plan": dict(plan),
+                "steps": [
+                    {
+                        "row": row.number,
+                        "line": row.line,
+                        "step": step,
+                        "model_name": row.request.effective_model,
+                        "mode": row.request.effective_mode,
+                        "duration": row.request.effective_duration,
+                        "aspect_ratio": row.request.aspect_ratio or "16:9",
+                    }
+                    for row, step in zip(rows, steps, strict=True)
+                ],
+            },
+        )
+        if not settings.has_key and not settings.emulator:
+            tell(f"note: a real run needs a key: {NO_KEY_HINT}")
+        return EXIT_OK
 
     def print_(text: str) -> None:
         console.print(plain(text), soft_wrap=True)
@@ -88,5 +124,5 @@ def show_plan(settings: BatchSettings, prompt_file: PromptFile, console: Console
     if len(rows) > _ROWS_SHOWN:
         print_(f"... and {len(rows) - _ROWS_SHOWN} more rows")
     if not settings.has_key and not settings.emulator:
-        say(f"note: a real run needs a key: {NO_KEY_HINT}")
+        tell(f"note: a real run needs a key: {NO_KEY_HINT}")
     return EXIT_OK

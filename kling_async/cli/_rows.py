@@ -68,6 +68,9 @@ class RowState:
     since: float = attrs.field(factory=time.monotonic)
     task_id: str | None = None
     error: str | None = None
+    #: The API's error code of the error that ended the row, where it had one (``1303``,
+    #: ``"model_not_found"``).
+    error_code: int | str | None = None
     job: ka.Job | None = None
     #: Finished before this run started (skipped, not counted in this run's speed).
     earlier: bool = False

@@ -28,7 +28,9 @@ import contextlib
 import signal
 import sys
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
 import anyio
 import attrs
@@ -38,15 +40,24 @@ import kling_async as ka
 
 from . import _files
 from ._batch import BatchRunner, remove_stale_parts, verify_done
-from ._display import plain, printable
+from ._display import plain
 from ._jobs import BatchJobs
 from ._journal import TERMINAL, Journal, JournalError, JournalRow, Preparation
-from ._progress import LiveProgress, PlainProgress, Reporter
+from ._messages import say, tell
+from ._progress import (
+    JsonProgress,
+    LiveProgress,
+    PlainProgress,
+    QuietProgress,
+    Reporter,
+    write_json_line,
+)
 from ._prompts import PromptFile
 from ._rows import Phase, RowState
 from ._settings import EMULATOR_STATE_NAME, BatchSettings, open_client
 from ._summary import (
     SUMMARY_NAME,
+    SummaryRow,
     batch_counts,
     build_summary,
     render_batch_counts,
@@ -75,14 +86,6 @@ EXIT_USAGE = 2
 EXIT_ACCOUNT = 3
 EXIT_UNREACHABLE = 4
 EXIT_INTERRUPTED = 130
-
-
-def say(text: str) -> None:
-    """Lines on stderr: errors, warnings, notes (stdout is for progress and the summary);
-    each escaped, since most hold text from outside (paths, values, server messages)."""
-    lines = text.rstrip("\n").split("\n")
-    sys.stderr.write("".join(printable(line) + "\n" for line in lines))
-    sys.stderr.flush()
 
 
 def _interrupted_hint(settings: BatchSettings) -> str:
@@ -157,14 +160,14 @@ def _states(
 
 def _report_preparation(preparation: Preparation) -> None:
     for row, _known in preparation.changed[:10]:
-        say(
+        tell(
             f"warning: row {row.number} (line {row.line}) has external_task_id "
             f"{row.request.external_task_id!r}, which an earlier run journaled with another "
             "request, so it is not sent (that version may already be billed): undo the "
             "change, or give the row a new external_task_id"
         )
     if len(preparation.changed) > 10:
-        say(f"warning: ... and {len(preparation.changed) - 10} more changed rows")
+        tell(f"warning: ... and {len(preparation.changed) - 10} more changed rows")
     orphans = preparation.orphans
     if orphans:
         plural = "s" if len(orphans) != 1 else ""
@@ -177,7 +180,7 @@ def _report_preparation(preparation: Preparation) -> None:
             if unfinished
             else ""
         )
-        say(
+        tell(
             f"note: the journal has {len(orphans)} row{plural} the file no longer has "
             f"(removed or edited; row{plural} {numbers}{more} when last run); left as they "
             f"are, clips included{resumed}"
@@ -196,7 +199,16 @@ def _opening(states: list[RowState], journal: Journal) -> str:
     return f"{len(states)} rows (batch {journal.batch_id}): " + ", ".join(parts)
 
 
-def _reporter(settings: BatchSettings, console: Console) -> Reporter:
+def _reporter(settings: BatchSettings, console: Console, journal: Journal) -> Reporter:
+    if settings.json:
+        return JsonProgress(
+            batch_id=journal.batch_id,
+            out=str(settings.out),
+            journal=str(settings.journal),
+            summary=str(settings.out / SUMMARY_NAME),
+        )
+    if settings.quiet:
+        return QuietProgress()
     live = settings.progress == "live" or (settings.progress == "auto" and console.is_terminal)
     return LiveProgress(console) if live else PlainProgress()
 
@@ -276,7 +288,7 @@ async def _execute_with(
         for state in run.states
         if state.phase is not Phase.CHANGED
     )
-    reporter = _reporter(settings, console)
+    reporter = _reporter(settings, console, journal)
     if settings.emulator:
         reporter.note("using the built-in emulator: no account needed, placeholder clips")
     reporter.note(_opening(run.states, journal))
@@ -472,14 +484,46 @@ def _finish(
             say(f"error: {_files.disk_full_message(settings.out)}: {summary_path} not written")
         else:
             say(f"error: cannot write {summary_path}: {exc}")
-    render_summary(console, summary)
-    if shared is not None:
-        render_batch_counts(
-            console,
-            journal.batch_id or "?",
-            shared.machine,
-            None if shared.holders is None else list(shared.holders.values()),
+    human = not settings.json and not settings.quiet
+    if human:
+        render_summary(console, summary, every_row=settings.verbose)
+        if shared is not None:
+            render_batch_counts(
+                console,
+                journal.batch_id or "?",
+                shared.machine,
+                None if shared.holders is None else list(shared.holders.values()),
+            )
+    code, last = _ending(settings, run, summary, summary_path if written else None)
+    if settings.json:
+        write_json_line(
+            sys.stdout,
+            _summary_event(settings, journal, run, summary, code, extra, written),
         )
+    if settings.json:
+        say(last)  # stdout holds JSON only
+    elif code == EXIT_INTERRUPTED:
+        say(last)
+    else:
+        console.print(plain(last), soft_wrap=True)
+    return code
+
+
+def _counts(summary: Sequence[SummaryRow]) -> str:
+    counts = Counter(row.status for row in summary)
+    return ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+
+
+def _ending(
+    settings: BatchSettings, run: _Run, summary: Sequence[SummaryRow], path: Path | None
+) -> tuple[int, str]:
+    """The exit status and the last line, after the errors that explain it (said here)."""
+    where = (
+        f"the full list is in {path}"
+        if path is not None
+        else f"{SUMMARY_NAME} could not be written; kling-async status {settings.out} lists them"
+    )
+    rows = f"{len(summary)} rows: {_counts(summary)}"
     if run.disk_full:
         say(
             f"error: {_files.disk_full_message(settings.out)}: clips could not be saved; free "
@@ -487,16 +531,13 @@ def _finish(
             "created again)"
         )
     if run.interrupted:
-        say(_interrupted_hint(settings))
-        return EXIT_INTERRUPTED
-    if written:
-        console.print(plain(f"clips in {settings.out}/, summary in {summary_path}"))
+        return EXIT_INTERRUPTED, f"{_interrupted_hint(settings)}; {rows}; {where}"
     if run.fatal is not None:
         say(
             f"error: the account cannot create tasks ({run.fatal}); fix it, then rerun the "
             "same command to resume"
         )
-        return EXIT_ACCOUNT
+        return EXIT_ACCOUNT, f"{rows}; {where}"
     if run.unreachable is not None:
         gone = run.unreachable
         say(
@@ -504,25 +545,75 @@ def _finish(
             "--base-url or KLING_BASE_URL, the network and any proxy, then rerun the same "
             "command (tasks already created are followed, not sent again)"
         )
-        return EXIT_UNREACHABLE
+        return EXIT_UNREACHABLE, f"{rows}; {where}"
     unfinished = sum(
         row.status != "done" and not (row.status == "elsewhere" and row.machine_status == "done")
         for row in summary
     )
     if not unfinished:
-        return EXIT_OK if written else EXIT_SOME_FAILED
-    if shared is not None:
-        say(
-            f"{unfinished} rows of the batch did not finish (see {summary_path}; rows of other "
-            "machines in their summaries); rerunning the same command on any machine resumes "
-            "its rows and takes over those of machines that are gone"
+        code = EXIT_OK if path is not None else EXIT_SOME_FAILED
+        return code, f"{rows}; clips in {settings.out}/, {where}"
+    if run.shared is not None:
+        return EXIT_SOME_FAILED, (
+            f"{rows}; {where} (rows of other machines in their summaries); rerunning the same "
+            "command on any machine resumes its rows and takes over those of machines that "
+            "are gone"
         )
-        return EXIT_SOME_FAILED
-    say(
-        f"{unfinished} rows did not finish (see {summary_path}); rerunning the same command "
-        "retries errors and resumes unfinished rows (failed rows need --retry-failed)"
-    )
-    return EXIT_SOME_FAILED
+    return EXIT_SOME_FAILED, f"{rows}; {where}; {_advice(summary)}"
+
+
+def _advice(summary: Sequence[SummaryRow]) -> str:
+    """What a rerun would do about the rows not done."""
+    counts = Counter(row.status for row in summary)
+    failed = counts["failed"] + counts["rejected"]
+    resumable = len(summary) - counts["done"] - failed - counts["changed"]
+    advice = []
+    if resumable:
+        advice.append(f"rerun the same command to resume the {resumable} unfinished")
+    if failed:
+        advice.append(f"--retry-failed sends the {failed} failed again (billed again)")
+    if counts["changed"]:
+        advice.append(f"{counts['changed']} changed rows are not sent (see the warnings above)")
+    return "; ".join(advice)
+
+
+def _summary_event(
+    settings: BatchSettings,
+    journal: Journal,
+    run: _Run,
+    summary: Sequence[SummaryRow],
+    code: int,
+    extra: Mapping[str, object],
+    written: bool,
+) -> dict[str, object]:
+    """The last ``--json`` line: the counts, how the run ended, and every row not done."""
+    codes = {state.row.key: state.error_code for state in run.states}
+    return {
+        "event": "summary",
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "batch_id": journal.batch_id,
+        "rows": len(summary),
+        "counts": dict(sorted(Counter(row.status for row in summary).items())),
+        "exit_status": code,
+        "interrupted": run.interrupted,
+        "out": str(settings.out),
+        "summary": str(settings.out / SUMMARY_NAME) if written else None,
+        "journal": str(settings.journal),
+        "not_done": [
+            {
+                "row": row.row,
+                "line": row.line,
+                "external_task_id": row.external_task_id,
+                "task_id": row.task_id,
+                "status": row.status,
+                "error": row.error,
+                "error_code": codes.get(row.key),
+            }
+            for row in summary
+            if row.status != "done"
+        ],
+        **extra,
+    }
 
 
 def interrupted_before_start(settings: BatchSettings) -> int:

@@ -140,7 +140,7 @@ def scrub_argparse(message: str) -> str:
         rule = "invalid choice (choose from " + rest.rpartition("(choose from ")[2]
     elif rest.startswith("ignored explicit argument"):
         rule = "takes no value"
-    elif rest.startswith(("expected ", "must be ")):
+    elif rest.startswith(("expected ", "must be ", "not allowed with argument ")):
         rule = rest
     else:
         rule = "invalid value (not shown)"

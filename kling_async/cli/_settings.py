@@ -215,7 +215,13 @@ class BatchSettings:
     retry_failed: bool
     #: ``--forget-durations``: the run starts from the poll policy's prior, not the journal's.
     forget_durations: bool = False
+    #: ``--progress`` (``auto`` when not given).
     progress: str
+    #: ``--json``: stdout is JSON lines (status changes, then a summary), nothing else.
+    json: bool = False
+    #: ``--quiet``: only errors and the last line; ``--verbose``: every row in the table.
+    quiet: bool = False
+    verbose: bool = False
     dry_run: bool = False
     #: ``--redis`` (or ``$KLING_REDIS_URL``): the batch is shared by the machines running it
     #: (None: this machine alone). It may hold a password: never shown, never written.
@@ -354,7 +360,10 @@ def settings_from(args: argparse.Namespace) -> BatchSettings:
         ),
         retry_failed=args.retry_failed,
         forget_durations=args.forget_durations,
-        progress=args.progress,
+        progress=getattr(args, "progress", None) or "auto",
+        json=getattr(args, "json", False),
+        quiet=getattr(args, "quiet", False),
+        verbose=getattr(args, "verbose", False),
         dry_run=args.dry_run,
         redis_url=redis_url,
         redis_lease=getattr(args, "redis_lease", None) or 30.0,

@@ -9,17 +9,94 @@ through Redis has a journal per machine: this one counts the rows another machin
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
 from ._display import plain
 from ._journal import STATUSES, JournalError, JournalRow, existing_rows
+from ._messages import say
 from ._summary import row_ranges
 
-__all__ = ["show_status"]
+__all__ = ["show_status", "status_json"]
+
+
+def _read(out: Path, journal_path: Path) -> tuple[dict[str, str], dict[str, JournalRow]] | None:
+    """The journal, or None after saying on stderr why there is none to read."""
+    try:
+        found = existing_rows(journal_path)
+    except JournalError as exc:
+        say(f"error: {exc}")
+        return None
+    if found is None:
+        say(
+            f"error: no journal at {journal_path}: no batch has run with --out {out} "
+            "(or pass --journal)"
+        )
+    return found
+
+
+def _unfinished(counts: Counter[str], total: int) -> int:
+    ended = counts["done"] + counts["failed"] + counts["rejected"] + counts["elsewhere"]
+    return total - ended
+
+
+def status_json(stream: TextIO, out: Path, journal_path: Path) -> int:
+    """``status --json``: one JSON object on ``stream`` (0), or an error on stderr (2).
+
+    ``counts`` per status, ``unfinished`` (rows a rerun would resume), ``missing_files`` (done
+    rows whose clip is gone) and ``rows``, every journal row in row order with its status,
+    ids, file and error. Result URLs are left out (they may be signed)."""
+    found = _read(out, journal_path)
+    if found is None:
+        return 2
+    meta, rows = found
+    ordered = sorted(rows.values(), key=lambda row: row.number)
+    counts = Counter(row.status for row in ordered)
+    missing = {
+        row.number for row in ordered if row.status == "done" and not (out / row.file).is_file()
+    }
+    entries: list[dict[str, Any]] = []
+    for row in ordered:
+        done = row.status == "done"
+        entries.append(
+            {
+                "row": row.number,
+                "line": row.line,
+                "status": row.status,
+                "external_task_id": row.external_task_id,
+                "task_id": row.task_id,
+                "file": row.file if done else None,
+                "file_missing": row.number in missing,
+                "sha256": row.sha256 if done else None,
+                "size": row.size if done else None,
+                "seconds": round(row.seconds, 3) if row.seconds is not None else None,
+                "error": None if done else row.error,
+                "possible_duplicate": row.possible_duplicate,
+            }
+        )
+    payload = {
+        "journal": str(journal_path),
+        "out": str(out),
+        "batch_id": meta.get("batch_id"),
+        "prompts": meta.get("prompts"),
+        "backend": meta.get("backend"),
+        "shared": meta.get("shared") == "redis",
+        "machine": meta.get("machine"),
+        "total": len(ordered),
+        "counts": dict(sorted(counts.items())),
+        "unfinished": _unfinished(counts, len(ordered)),
+        "missing_files": sorted(missing),
+        "rows": entries,
+    }
+    stream.write(json.dumps(payload, indent=2) + "\n")
+    stream.flush()
+    return 0
+
 
 _PROBLEM_ROWS = 30
 
@@ -27,31 +104,23 @@ _PROBLEM_ROWS = 30
 def show_status(console: Console, out: Path, journal_path: Path) -> int:
     """Print the journal's state; 0 if it could be read, 2 if there is none."""
 
-    def say(text: str) -> None:
+    def show(text: str) -> None:
         console.print(plain(text), soft_wrap=True)
 
-    try:
-        found = existing_rows(journal_path)
-    except JournalError as exc:
-        say(f"error: {exc}")
-        return 2
+    found = _read(out, journal_path)
     if found is None:
-        say(
-            f"error: no journal at {journal_path}: no batch has run with --out {out} "
-            "(or pass --journal)"
-        )
         return 2
     meta, rows = found
     counts = Counter(row.status for row in rows.values())
     missing = [
         row for row in rows.values() if row.status == "done" and not (out / row.file).is_file()
     ]
-    say(
+    show(
         f"journal {journal_path}: batch {meta.get('batch_id', '?')}, {len(rows)} rows, "
         f"prompts {meta.get('prompts', '?')}, backend {meta.get('backend', '?')}"
     )
     if meta.get("shared") == "redis":
-        say(
+        show(
             f"shared through Redis: this is machine {meta.get('machine', '?')}'s journal; "
             "rows other machines hold are elsewhere (their clips are in their out dirs)"
         )
@@ -63,7 +132,7 @@ def show_status(console: Console, out: Path, journal_path: Path) -> int:
             table.add_row(plain(status), str(counts[status]))
     console.print(table)
     if missing:
-        say(
+        show(
             f"{len(missing)} done rows have lost their file (a rerun downloads them again): "
             + ", ".join(str(row.number) for row in missing[:20])
         )
@@ -84,12 +153,10 @@ def show_status(console: Console, out: Path, journal_path: Path) -> int:
         task = f" task {first.task_id}" if first.task_id else ""
         lines.append(f"{where} {first.status}{task}: {first.error}")
     for line in lines[:_PROBLEM_ROWS]:
-        say(line)
+        show(line)
     if len(lines) > _PROBLEM_ROWS:
-        say(f"... and {len(lines) - _PROBLEM_ROWS} more lines of errors")
-    unfinished = (
-        len(rows) - counts["done"] - counts["failed"] - counts["rejected"] - counts["elsewhere"]
-    )
+        show(f"... and {len(lines) - _PROBLEM_ROWS} more lines of errors")
+    unfinished = _unfinished(counts, len(rows))
     if unfinished:
-        say(f"{unfinished} rows are not finished: rerun the batch command to resume them")
+        show(f"{unfinished} rows are not finished: rerun the batch command to resume them")
     return 0

@@ -2,8 +2,10 @@
 
 ``summary.json`` has one entry per row of the prompt file (status, task id, file, seconds,
 error) and is replaced atomically (a random temporary file, never through a link), so a script
-polling it never reads half a file. In the table, rows that ended the same way for the same
-reason (an account error that stopped every submission, say) share one line.
+polling it never reads half a file. The table lists the rows not done (every row with
+``--verbose``), so it reads the same at 5 rows or 500; rows that never got a task and ended
+the same way for the same reason (an account error that stopped every submission, say) share
+one line. The counts and where the full list is are the run's last line (``_run``).
 
 A batch shared through Redis (``--redis``): each machine's summary is its own out dir's, its
 rows held by another machine marked ``elsewhere`` (with that machine, and how the row ended
@@ -22,6 +24,7 @@ from typing import Any
 import attrs
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ._display import plain
 from ._files import replace_file
@@ -30,6 +33,7 @@ from ._prompts import PromptRow
 
 __all__ = [
     "SUMMARY_NAME",
+    "TABLE_LINES",
     "SummaryRow",
     "batch_counts",
     "build_summary",
@@ -39,7 +43,8 @@ __all__ = [
 ]
 
 SUMMARY_NAME = "summary.json"
-_TABLE_ROWS = 40
+#: Lines of the final table at most (rows sharing a status and an error share a line).
+TABLE_LINES = 20
 
 
 @attrs.frozen(kw_only=True)
@@ -153,13 +158,15 @@ def row_ranges(numbers: Sequence[int], limit: int = 12) -> str:
 
 
 def _lines(rows: Sequence[SummaryRow]) -> list[list[SummaryRow]]:
-    """The table's lines: a row each, but rows with the same status and error share one."""
+    """The table's lines: a row each, but rows that never got a task and share a status and
+    an error (an account error that stopped them all, say) share one."""
     lines: list[list[SummaryRow]] = []
     shared: dict[tuple[str, str], list[SummaryRow]] = {}
     for row in rows:
         if row.status == "elsewhere":
             key = (row.status, f"{row.machine}: {row.machine_status or 'not finished yet'}")
-        elif row.status == "done" or not row.error:
+        elif row.status == "done" or not row.error or row.task_id is not None:
+            # A row with a task keeps its own line: the task id is what to look up.
             lines.append([row])
             continue
         else:
@@ -171,38 +178,18 @@ def _lines(rows: Sequence[SummaryRow]) -> list[list[SummaryRow]]:
     return lines
 
 
-def render_summary(console: Console, rows: Sequence[SummaryRow]) -> None:
-    """Counts per status, then the rows: all of them for a small batch, else the ones that
-    need attention (the full list is in summary.json)."""
-    counts = Counter(row.status for row in rows)
-    shown = list(rows) if len(rows) <= _TABLE_ROWS else [r for r in rows if r.status != "done"]
+def render_summary(
+    console: Console, rows: Sequence[SummaryRow], *, every_row: bool = False
+) -> None:
+    """The rows that need attention (every row not done: failed, rejected, stopped, not
+    finished), rows that ended the same way for the same reason sharing a line, at most
+    :data:`TABLE_LINES` lines (the full list is in summary.json); nothing when every row is
+    done. ``every_row`` (``--verbose``): every row, done ones with their file, however many.
+    The counts and where the full list is come in the run's last line."""
+    shown = list(rows) if every_row else [row for row in rows if row.status != "done"]
     lines = _lines(shown)
     if lines:
-        table = Table(title="batch summary", title_justify="left", header_style="bold")
-        table.add_column("row", justify="right")
-        table.add_column("status")
-        table.add_column("seconds", justify="right")
-        table.add_column("file / error", overflow="fold")
-        for group in lines[:_TABLE_ROWS]:
-            row = group[0]
-            detail: str | None
-            if row.status == "elsewhere":
-                detail = f"machine {row.machine}: {row.machine_status or 'not finished yet'}"
-            else:
-                detail = row.file if row.status == "done" else _short(row.error, 100)
-            if row.possible_duplicate:
-                detail = f"{detail or ''} (possible duplicate)".strip()
-            seconds = f"{row.seconds:.1f}" if row.seconds is not None and len(group) == 1 else ""
-            table.add_row(
-                plain(row_ranges([member.row for member in group])),
-                plain(row.status),
-                seconds,
-                plain(detail or ""),
-            )
-        console.print(table)
-        if len(lines) > _TABLE_ROWS:
-            console.print(plain(f"... and {len(lines) - _TABLE_ROWS} more lines in {SUMMARY_NAME}"))
-    console.print(plain(", ".join(f"{count} {status}" for status, count in sorted(counts.items()))))
+        _table(console, rows, lines, every_row=every_row)
     doubtful = [row.row for row in rows if row.possible_duplicate]
     if doubtful:
         console.print(
@@ -211,6 +198,50 @@ def render_summary(console: Console, rows: Sequence[SummaryRow]) -> None:
                 "was sent again after an outcome no lookup could settle, and this backend may "
                 f"accept a repeated external_task_id; see possible_duplicate in {SUMMARY_NAME}"
             )
+        )
+
+
+def _table(
+    console: Console,
+    rows: Sequence[SummaryRow],
+    lines: Sequence[Sequence[SummaryRow]],
+    *,
+    every_row: bool,
+) -> None:
+    shown = sum(len(group) for group in lines)
+    title = f"every row ({len(rows)})" if every_row else f"rows not done: {shown} of {len(rows)}"
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("row", justify="right")
+    table.add_column("status")
+    if every_row:
+        table.add_column("seconds", justify="right")
+    table.add_column("task", overflow="fold")
+    table.add_column("file / error" if every_row else "error", overflow="fold")
+    limit = len(lines) if every_row else TABLE_LINES
+    for group in lines[:limit]:
+        row = group[0]
+        detail: str | None
+        if row.status == "elsewhere":
+            detail = f"machine {row.machine}: {row.machine_status or 'not finished yet'}"
+        else:
+            detail = row.file if row.status == "done" else _short(row.error, 100)
+        if row.possible_duplicate:
+            detail = f"{detail or ''} (possible duplicate)".strip()
+        cells: list[Text | str] = [
+            plain(row_ranges([member.row for member in group])),
+            plain(row.status),
+        ]
+        if every_row:
+            cells.append(
+                f"{row.seconds:.1f}" if row.seconds is not None and len(group) == 1 else ""
+            )
+        cells.append(plain((row.task_id or "") if len(group) == 1 else ""))
+        cells.append(plain(detail or ""))
+        table.add_row(*cells)
+    console.print(table)
+    if len(lines) > limit:
+        console.print(
+            plain(f"... and {len(lines) - limit} more lines in {SUMMARY_NAME} (or use --verbose)")
         )
 
 
