@@ -88,7 +88,7 @@ def test_json_is_one_object_per_status_change_then_a_summary(
     assert (
         result.err.rstrip()
         .splitlines()[-1]
-        .startswith(f"12 rows: {12 - len(failed)} done, {len(failed)} failed; the full list is in")
+        .startswith(f"12 rows: {12 - len(failed)} done, {len(failed)} failed; all rows in")
     )
     assert "12 rows (batch" in result.err
     assert KEY not in result.out + result.err
@@ -121,7 +121,7 @@ def test_json_with_quiet_leaves_stderr_to_errors_and_the_last_line(
     assert events[0]["event"] == "start" and events[-1]["event"] == "summary"
     assert events[-1]["counts"] == {"done": 4}
     assert result.err.splitlines() == [
-        f"4 rows: 4 done; clips in {out}/, the full list is in {out / 'summary.json'}"
+        f"4 rows: 4 done; clips in {out}/, all rows in {out / 'summary.json'}"
     ]
 
 
@@ -133,7 +133,7 @@ def test_quiet_prints_only_the_last_line(server: EmulatorProcess, tmp_path: Path
     assert result.code == 1, result.text
     assert result.err == ""
     [last] = result.out.splitlines()
-    assert last.startswith("6 rows: ") and " failed; the full list is in " in last
+    assert last.startswith("6 rows: ") and " failed; all rows in " in last
     assert str(out / "summary.json") in last
     # and errors, still: an account that cannot create tasks
     server.configure(failure_rate=0.0, account_error=1102)

@@ -1,6 +1,6 @@
 """``kling-async batch`` at 500 rows: what is printed must not grow with the batch.
 
-The final table lists the rows not done (the full list is in summary.json, and ``--verbose``
+The final table lists the rows not done (all rows in summary.json, and ``--verbose``
 prints every row); the live view is a fixed-height view with throughput and an ETA, whatever
 the number of rows. Batches run against the emulator in another process over loopback HTTP.
 """
@@ -54,9 +54,8 @@ def test_the_final_table_of_500_rows_lists_what_is_not_done(
     assert table_rows(end) == [(row, "failed") for row in failed]
     last = result.out.rstrip().splitlines()[-1]
     assert last == (
-        f"{ROWS} rows: {ROWS - len(failed)} done, {len(failed)} failed; the full list is in "
-        f"{out / 'summary.json'}; --retry-failed sends the {len(failed)} failed again "
-        "(billed again)"
+        f"{ROWS} rows: {ROWS - len(failed)} done, {len(failed)} failed; all rows in "
+        f"{out / 'summary.json'}; --retry-failed resends the {len(failed)} (billed again)"
     )
 
     # --verbose: every row, as before; a rerun sends nothing (done and failed rows stay).
@@ -80,7 +79,7 @@ def test_a_batch_with_every_row_done_prints_no_table(
     assert result.code == 0, result.err
     assert "│" not in result.out
     assert result.out.rstrip().splitlines()[-1] == (
-        f"60 rows: 60 done; clips in {out}/, the full list is in {out / 'summary.json'}"
+        f"60 rows: 60 done; clips in {out}/, all rows in {out / 'summary.json'}"
     )
 
 

@@ -205,5 +205,5 @@ def test_a_500_row_batch_reads_well_in_a_120x30_terminal(
     # The last line: the counts, and where the full list is.
     last = logical[-1].rstrip()
     assert last.startswith(f"{ROWS} rows: {ROWS - len(failed)} done, {len(failed)} failed; "), end
-    assert f"the full list is in {out / 'summary.json'}" in last, end
-    assert f"--retry-failed sends the {len(failed)} failed again" in last, end
+    assert f"all rows in {out / 'summary.json'}" in last, end
+    assert f"--retry-failed resends the {len(failed)} (billed again)" in last, end

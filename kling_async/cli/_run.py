@@ -519,7 +519,7 @@ def _ending(
 ) -> tuple[int, str]:
     """The exit status and the last line, after the errors that explain it (said here)."""
     where = (
-        f"the full list is in {path}"
+        f"all rows in {path}"
         if path is not None
         else f"{SUMMARY_NAME} could not be written; kling-async status {settings.out} lists them"
     )
@@ -571,7 +571,7 @@ def _advice(summary: Sequence[SummaryRow]) -> str:
     if resumable:
         advice.append(f"rerun the same command to resume the {resumable} unfinished")
     if failed:
-        advice.append(f"--retry-failed sends the {failed} failed again (billed again)")
+        advice.append(f"--retry-failed resends the {failed} (billed again)")
     if counts["changed"]:
         advice.append(f"{counts['changed']} changed rows are not sent (see the warnings above)")
     return "; ".join(advice)
