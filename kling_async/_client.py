@@ -63,29 +63,28 @@ _LOOKUP_FORMS = ("query", "path", "path_flag")
 class ClientStats:
     """Counters of one client's life, for dashboards and benchmarks."""
 
-    requests: int  # every HTTP request sent: api_requests + file_requests
-    polls: int  # single-task polls by the poller pool
-    sweeps: int  # list sweeps by the poller pool
-    submitted: int  # tasks created by the submitter
-    rejected: int  # jobs that ended without a task (refused, ambiguous, unreachable)
-    concurrency_limited: int  # 1303 answers the submitter met (slot probes' included)
-    queued: int  # jobs waiting to be submitted
-    active: int  # Kling slots held: creates in flight and tasks not yet ended
-    active_limit: float  # the slot limit as learned so far (inf while unknown)
-    peak_active: int
-    following: int  # tasks the pollers follow
-    #: API requests sent (creates, polls, lookups, list sweeps, every retry) and requests for
-    #: result files (each redirect hop and retry counted).
+    requests: int  #: every HTTP request sent: api_requests + file_requests
+    polls: int  #: single-task polls by the poller pool
+    sweeps: int  #: list sweeps by the poller pool
+    submitted: int  #: tasks created by the submitter
+    rejected: int  #: jobs that ended without a task (refused, ambiguous, unreachable)
+    concurrency_limited: int  #: 1303 answers the submitter met (slot probes' included)
+    queued: int  #: jobs waiting to be submitted
+    active: int  #: Kling slots held: creates in flight and tasks not yet ended
+    active_limit: float  #: the slot limit as learned so far (inf while unknown)
+    peak_active: int  #: the most Kling slots held at once so far
+    following: int  #: tasks the pollers follow
+    #: API requests sent (creates, polls, lookups, list sweeps, every retry).
     api_requests: int = 0
-    file_requests: int = 0
-    retries_refused: int = 0  # retries the client-wide retry budget did not allow
-    #: Creates sent past the limit while jobs waited (``PollPolicy.probe_interval``), and
-    #: how many of them the account refused (1303: nothing created).
+    file_requests: int = 0  #: requests for result files (each redirect hop and retry counted)
+    retries_refused: int = 0  #: retries the client-wide retry budget did not allow
+    #: Creates sent past the limit while jobs waited (``PollPolicy.probe_interval``).
     slot_probes: int = 0
-    slot_probes_refused: int = 0
-    #: While the API host refuses every connect: what the last attempt said, and for how
-    #: many seconds it has been so (None and 0.0 once a request gets through).
+    slot_probes_refused: int = 0  #: slot probes the account refused (1303: nothing created)
+    #: While the API host refuses every connect: what the last attempt said (None once a
+    #: request gets through).
     connection_error: str | None = None
+    #: For how many seconds every connect has failed (0.0 once a request gets through).
     connection_failing_for: float = 0.0
 
 

@@ -246,6 +246,10 @@ class APIError(KlingError):
 
 
 class AuthenticationError(APIError):
+    """The credentials were refused (codes 1000-1004, a gateway's 401): a wrong or revoked
+    key, or a JWT the server would not take. Expired JWTs are minted again and retried once
+    before this is raised."""
+
     def hint(self) -> str:
         return "check the API key, or the access key and secret key, and the base URL"
 
@@ -261,6 +265,9 @@ class AccountError(APIError):
 
 
 class InvalidRequestError(APIError):
+    """The server refused the request itself (codes 1200-1203); the message names the field.
+    Sending it again cannot help."""
+
     def hint(self) -> str:
         return "the server rejected the request; see the message for the field"
 
@@ -289,16 +296,24 @@ class ThrottledError(APIError):
 
 
 class RateLimitError(ThrottledError):
+    """Requests too fast (code 1302). Every request of the client pauses, then it retries."""
+
     def hint(self) -> str:
         return "too many requests per second; lower max_requests_per_second"
 
 
 class ConcurrencyLimitError(ThrottledError):
+    """Too many tasks running for the account (code 1303); no task was created. The engine
+    lowers its slot limit and waits for a running task to end before it sends again."""
+
     def hint(self) -> str:
         return "too many tasks running for the account; wait for one to finish"
 
 
 class ServerError(APIError):
+    """The server failed (codes 5000-5002 and other 5xx). Reads are retried; a create that
+    met one may have created its task, so it is looked up before anything is sent again."""
+
     def hint(self) -> str:
         return "the server failed; retrying later usually helps"
 

@@ -23,7 +23,7 @@ poll the task with its credentials at once, and only that answer changes a job. 
 path carries an unguessable token, compared in constant time, and bodies are capped at 64 KiB.
 
 Needs the ``[fastapi]`` extra (FastAPI with its own ``EventSourceResponse``). See
-``docs/fastapi.md``.
+https://kling-async.github.io/kling-async/fastapi/ (``docs/fastapi.md``).
 """
 
 import copy

@@ -31,7 +31,8 @@ Redis unreachable: submission waits (no create goes out without its "about to se
 Redis), polls go on within a local share of the request budget, what is known stays in memory,
 the log says so once, and everything is written again when Redis is back, also after a
 restart that lost the data. What is stored, under which keys and for how long:
-``docs/scaling.md``. No credential is ever written; the account is named by a fingerprint.
+https://kling-async.github.io/kling-async/scaling/ (``docs/scaling.md``). No credential is
+ever written; the account is named by a fingerprint.
 """
 
 from __future__ import annotations

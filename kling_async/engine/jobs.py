@@ -206,11 +206,18 @@ class Job:
         announce: bool = True,
     ) -> None:
         self._hub = hub
+        #: The job's id, stable from submission: its ``external_task_id`` (or, for a job that
+        #: follows a task created elsewhere, the task id).
         self.id = job_id
+        #: What was asked for (None for a job that follows a task created elsewhere).
         self.request = request
+        #: Kling's id of the job's task, once known.
         self.task_id = task_id
+        #: The id the job's task is created with (and can be looked up by).
         self.external_task_id = external_task_id
+        #: The latest snapshot of the job's task, or None before it has one.
         self.task: Task | None = None
+        #: What a job that ended without a result ended with (else None).
         self.error: BaseException | None = None
         #: True only where the backend may hold two tasks for this job: its create was sent
         #: again after an outcome no lookup could settle, on a backend that may accept a
@@ -231,10 +238,12 @@ class Job:
 
     @property
     def status(self) -> JobStatus:
+        """Where the job stands: ``queued``, ``submitting``, the task's statuses, or ``error``."""
         return self._status
 
     @property
     def done(self) -> bool:
+        """True once the job has ended (succeeded, failed or error)."""
         return self._status.is_terminal
 
     @property

@@ -30,7 +30,10 @@ from kling_async.protocol.profiles import COMETAPI, OFFICIAL, BackendProfile
 
 __all__ = ["COMETAPI_BASE_URL", "OFFICIAL_BASE_URL", "Account", "resolve_account", "resolve_auth"]
 
+#: The default base URL with ``api_key=``: the CometAPI gateway.
 COMETAPI_BASE_URL: Final = "https://api.cometapi.com/kling"
+#: The default base URL with ``access_key=`` + ``secret_key=``: Kling's official API (global;
+#: China's is ``https://api-beijing.klingai.com``).
 OFFICIAL_BASE_URL: Final = "https://api-singapore.klingai.com"
 
 

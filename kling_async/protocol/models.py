@@ -72,6 +72,9 @@ class Mode(enum.StrEnum):
 
 
 class CameraType(enum.StrEnum):
+    """The kind of camera movement: ``SIMPLE`` takes a :class:`CameraConfig` (one axis), the
+    four presets take none."""
+
     SIMPLE = "simple"
     DOWN_BACK = "down_back"
     FORWARD_UP = "forward_up"
@@ -372,10 +375,10 @@ class Text2VideoRequest:
 class Video:
     """One result video. ``url`` is hotlink-protected and deleted after 30 days: download it."""
 
-    id: str
-    url: str = attrs.field(repr=_redacted)
-    duration: float | None = None
-    watermark_url: str | None = attrs.field(default=None, repr=_redacted)
+    id: str  #: Kling's id of the video
+    url: str = attrs.field(repr=_redacted)  #: where to download it (signed; kept out of reprs)
+    duration: float | None = None  #: its length in seconds (not exactly the requested one)
+    watermark_url: str | None = attrs.field(default=None, repr=_redacted)  #: with a watermark
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"id", "url", "duration", "watermark_url"}``."""
@@ -441,15 +444,15 @@ class _Instant:
 class Task:
     """A snapshot of a task as the server last described it."""
 
-    task_id: str
-    status: TaskStatus
-    status_message: str = ""
-    external_task_id: str | None = None
-    videos: tuple[Video, ...] = ()
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
-    final_unit_deduction: str | None = None
-    raw_status: str = ""
+    task_id: str  #: Kling's id of the task (opaque: an 18-digit string in 2025-26)
+    status: TaskStatus  #: where it stands; ``UNKNOWN`` for a value Kling added later
+    status_message: str = ""  #: the failure reason of a failed task, else ``""``
+    external_task_id: str | None = None  #: the id it was created with, if Kling echoed it
+    videos: tuple[Video, ...] = ()  #: the results, once it succeeded
+    created_at: datetime | None = None  #: when it was created (an aware datetime)
+    updated_at: datetime | None = None  #: when it last changed (an aware datetime)
+    final_unit_deduction: str | None = None  #: units charged, as Kling reports them (``"1"``)
+    raw_status: str = ""  #: the status as the server spelled it
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: attribute names, ``status`` as its value (``"succeed"``), datetimes as

@@ -122,6 +122,8 @@ class BackendProfile:
         return None
 
 
+#: The CometAPI gateway's rules (what its docs say): prompts up to 500 characters, negative
+#: prompts up to 200, seven aspect ratios, no list endpoint. The profile of ``api_key=``.
 COMETAPI = BackendProfile(
     name="cometapi",
     prompt_max=500,
@@ -130,6 +132,8 @@ COMETAPI = BackendProfile(
     supports_list=False,
 )
 
+#: Kling's official API: prompts and negative prompts up to 2500 characters, three aspect
+#: ratios, the list endpoint. The profile of ``access_key=`` + ``secret_key=``.
 OFFICIAL = BackendProfile(
     name="official",
     prompt_max=2500,
