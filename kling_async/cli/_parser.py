@@ -86,28 +86,27 @@ def _seconds(high: float) -> Callable[[str], float]:
     return parse
 
 
-def _lease(text: str) -> float:
-    low, high = LEASE_RANGE
-    rule = f"must be a number of seconds from {low:g} to {high:g}"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(rule) from None
-    if not (math.isfinite(value) and low <= value <= high):
-        raise argparse.ArgumentTypeError(rule)
-    return value
+def _within(low: float, high: float, rule: str) -> Callable[[str], float]:
+    """An argparse type: a finite number from ``low`` to ``high``, else ``rule``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(rule) from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(rule)
+        return value
+
+    return parse
 
 
-def _time_scale(text: str) -> float:
-    low, high = TIME_SCALE_RANGE
-    rule = f"must be a number from {low:g} to {high:g}"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(rule) from None
-    if not (math.isfinite(value) and low <= value <= high):
-        raise argparse.ArgumentTypeError(rule)
-    return value
+_lease = _within(
+    *LEASE_RANGE, f"must be a number of seconds from {LEASE_RANGE[0]:g} to {LEASE_RANGE[1]:g}"
+)
+_time_scale = _within(
+    *TIME_SCALE_RANGE, f"must be a number from {TIME_SCALE_RANGE[0]:g} to {TIME_SCALE_RANGE[1]:g}"
+)
 
 
 def parse_size(text: str) -> int:
