@@ -479,6 +479,19 @@ def test_a_bad_flag_prints_the_usage_of_its_subcommand(argv: list[str], usage: s
     assert error.endswith(f"(see {command} --help)"), error
 
 
+@pytest.mark.parametrize("argv", [["--bogus"], ["--json", "batch", "p.txt"], [f"--api-key={KEY}"]])
+def test_an_option_before_the_subcommand_is_named(argv: list[str]) -> None:
+    """An option given before the subcommand was reported as a missing subcommand (or as
+    the subcommand's own unknown argument); it is named, never with its value."""
+    result = run_main(argv)
+    assert result.code == 2, result.text
+    assert result.out == ""
+    option = argv[0].partition("=")[0]
+    assert f"unrecognized option {option}: a subcommand's options go after it" in result.err
+    assert "required" not in result.err
+    assert KEY not in result.err
+
+
 def test_an_unknown_option_is_named_before_missing_arguments() -> None:
     result = run_main(["batch", "--bogus", "--api-kye", KEY])
     assert result.code == 2

@@ -25,11 +25,17 @@ _DIRECTIVE = re.compile(r"^:::\s+(?P<path>[\w.]+)\s*$", re.MULTILINE)
 _TREE_ITEM = re.compile(r"^(?P<indent> *)- (?:\[`(?P<linked>\w+)`\]\([^)]*\)|`(?P<plain>\w+)`)")
 
 
+#: What renders nothing of a ``:::`` line in it: an HTML comment, a fenced code block.
+_UNRENDERED = re.compile(r"<!--.*?-->|^[ \t]*(`{3,}|~{3,}).*?^[ \t]*\1[ \t]*$", re.S | re.M)
+
+
 def directives() -> list[tuple[Path, str]]:
-    """Every ``::: path`` of the reference pages, with its page."""
+    """Every ``::: path`` the reference pages render, with its page (one commented out or
+    shown in a code block renders nothing, so it is not counted)."""
     found = []
     for page in sorted(REFERENCE.glob("*.md")):
-        found += [(page, m["path"]) for m in _DIRECTIVE.finditer(page.read_text("utf-8"))]
+        text = _UNRENDERED.sub("", page.read_text("utf-8"))
+        found += [(page, m["path"]) for m in _DIRECTIVE.finditer(text)]
     return found
 
 

@@ -222,6 +222,13 @@ class TrackerMachine(RuleBasedStateMachine):
 
     def task_for(self, seen: Seen, status: ka.TaskStatus, **extra: Any) -> ka.Task:
         task_id = seen.job.task_id or seen.future_task or self.next_id("task")
+        # An end as the server's full task object carries it: a video, or a reason.
+        if status is ka.TaskStatus.SUCCEEDED:
+            extra.setdefault(
+                "videos", (ka.Video(id=f"v-{task_id}", url="https://v.example/c.mp4"),)
+            )
+        elif status is ka.TaskStatus.FAILED:
+            extra.setdefault("status_message", "Video generation failed")
         return ka.Task(
             task_id=task_id,
             status=status,
@@ -755,7 +762,10 @@ def test_a_mirror_ends_when_its_first_snapshot_is_the_end() -> None:
     asyncio.run(tracker.submitting(job))
     mirror = tracker.track("t-1")  # learned elsewhere (a callback) before the create's answer
     tracker.answered(job, "created")
-    done = ka.Task(task_id="t-1", status=ka.TaskStatus.SUCCEEDED, external_task_id="j-1")
+    video = ka.Video(id="v-1", url="https://v.example/c.mp4")
+    done = ka.Task(
+        task_id="t-1", status=ka.TaskStatus.SUCCEEDED, external_task_id="j-1", videos=(video,)
+    )
     tracker.created(job, done, time.monotonic(), possible_duplicate=False)
     assert job.status is JobStatus.SUCCEEDED
     assert slots.active == 0

@@ -225,3 +225,26 @@ async def test_a_store_that_cannot_load_raises_its_own_error_from_async_with(
     with pytest.raises(OSError, match="the disk is gone"):
         async with client_for(emu, store=Unreadable()):
             pass
+
+
+@pytest.mark.parametrize("failure_rate", [0.0, 1.0])
+async def test_an_end_in_a_create_answer_is_confirmed_by_a_poll(failure_rate: float) -> None:
+    """Fails before the fix: a task that ended before its create was answered (the emulator's
+    tasks of a microsecond) made the job end on the answer's short form, a success with no
+    video to download (or a failure with no reason). The end is confirmed by a poll first."""
+    async with Emulator(
+        time_scale=SCALE, seed=41, median_duration=1e-6, failure_rate=failure_rate
+    ) as emu:
+        async with client_for(emu) as kling:
+            job = kling.submit(ka.Text2VideoRequest(prompt="over at once"))
+            with anyio.fail_after(10):
+                task = await job.wait() if failure_rate == 0 else None
+                while not job.done:
+                    await anyio.sleep(0.005)
+            if failure_rate == 0:
+                assert task is not None and task.video is not None
+                assert job.status is ka.JobStatus.SUCCEEDED
+            else:
+                assert job.status is ka.JobStatus.FAILED
+                assert job.task is not None and job.task.status_message
+            assert emu.stats.requests_per_route["get"] >= 1

@@ -47,6 +47,7 @@ import secrets
 import sqlite3
 import stat
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -467,6 +468,23 @@ def _connect(path: Path) -> sqlite3.Connection:
     return connection
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot change the file (``status``, ``--dry-run``): no WAL switch,
+    no schema; a file without the journal's tables is refused, not made into one."""
+    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
+    connection = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        connection.execute("PRAGMA busy_timeout=10000")
+        usable = _has_table(connection, "meta") and _has_table(connection, "rows")
+    except BaseException:
+        connection.close()
+        raise
+    if not usable:
+        connection.close()
+        raise JournalError(f"{path} is not a kling-async journal (it has no batch rows)")
+    return connection
+
+
 class Journal:
     """One batch's journal. Methods are synchronous and short; callers on an event loop run
     :meth:`apply` in a worker thread (the connection allows that, and only one call runs at a
@@ -513,6 +531,7 @@ class Journal:
     @classmethod
     def open(cls, path: Path, *, lock: bool = True) -> Journal:
         """Open (creating if needed) with WAL and full sync; ``lock`` for a run that writes.
+        Without ``lock`` the file is only read, never created or changed.
 
         Refused: a journal, ``-wal`` or ``-shm`` path that is a symbolic link, a lock file
         that is one, a journal in use by another batch. Nothing is left behind by a journal
@@ -531,7 +550,7 @@ class Journal:
                 )
                 if _create(path):
                     made = [p for p in _companions(path) if not p.exists()] + [path]
-            connection = _connect(path)
+            connection = _connect(path) if lock else _connect_read_only(path)
             return cls(path, connection, lock_fd, writable=lock)
         except BaseException as exc:
             _files.unlock(lock_fd)

@@ -357,6 +357,15 @@ def parse_arguments(arguments: Sequence[str]) -> argparse.Namespace:
     usage of the subcommand it was made in, and combinations that cannot work are refused
     here too (``--progress`` with ``--json`` or ``--quiet``)."""
     parser = build_parser()
+    first = arguments[0] if arguments else ""
+    if first.startswith("-") and _unknown(parser, first):
+        # An option before the subcommand: say so, not that the subcommand is missing.
+        parser.print_usage(sys.stderr)
+        parser.exit(
+            EXIT_USAGE,
+            f"{parser.prog}: error: unrecognized option {first.partition('=')[0]}: a "
+            "subcommand's options go after it (kling-async batch PROMPTS --out DIR ...)\n",
+        )
     if arguments[:1] in (["batch"], ["status"]):
         # An unknown option first, before "PROMPTS is required" hides it.
         sub = _subcommand(parser, arguments[0])

@@ -13,7 +13,7 @@ from rich.table import Table
 from ._display import plain
 from ._journal import JournalError, JournalRow, existing_rows
 from ._messages import say, tell
-from ._progress import write_json_line
+from ._progress import now_iso, write_json_line
 from ._prompts import PromptFile
 from ._run import EXIT_OK, EXIT_USAGE
 from ._settings import NO_KEY_HINT, BatchSettings
@@ -62,6 +62,7 @@ def show_plan(settings: BatchSettings, prompt_file: PromptFile, console: Console
             sys.stdout,
             {
                 "event": "plan",
+                "time": now_iso(),
                 "prompts": str(prompt_file.path),
                 "rows": len(rows),
                 "backend": settings.backend,

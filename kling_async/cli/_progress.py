@@ -228,7 +228,8 @@ class QuietProgress:
         return
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
+    """The instant of a ``--json`` object (its ``time``): UTC, milliseconds, a ``Z``."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -236,7 +237,7 @@ def status_event(state: RowState) -> dict[str, Any]:
     """One ``--json`` line for a row's state: the same keys every time (None where unknown)."""
     return {
         "event": "status",
-        "time": _now_iso(),
+        "time": now_iso(),
         "row": state.row.number,
         "line": state.row.line,
         "external_task_id": state.record.external_task_id,
@@ -276,7 +277,7 @@ class JsonProgress:
             self.out,
             {
                 "event": "start",
-                "time": _now_iso(),
+                "time": now_iso(),
                 **self._start,
                 "rows": len(states),
                 "earlier": dict(sorted(earlier.items())),

@@ -29,7 +29,6 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -50,6 +49,7 @@ from ._progress import (
     PlainProgress,
     QuietProgress,
     Reporter,
+    now_iso,
     write_json_line,
 )
 from ._prompts import PromptFile
@@ -590,7 +590,7 @@ def _summary_event(
     codes = {state.row.key: state.error_code for state in run.states}
     return {
         "event": "summary",
-        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": now_iso(),
         "batch_id": journal.batch_id,
         "rows": len(summary),
         "counts": dict(sorted(Counter(row.status for row in summary).items())),

@@ -416,6 +416,11 @@ class Tracker:
             and request is not None
             and request.callback_url in (None, self.callback_url)
         )
+        if _incomplete_end(task):
+            # A create's answer is a short form (no task_result, no failure message): an end
+            # it reports is confirmed at once by a poll, which brings the videos or the reason.
+            self._follow(job, poll_now=True)
+            return
         self._snapshot(job, task, time.monotonic())
         if not job.done:
             self._follow(job)
@@ -660,3 +665,11 @@ def _log_outcome(job: Job) -> None:
         kind = type(job.error).__name__ if job.error is not None else "error"
         detail = job.error if isinstance(job.error, KlingError) else kind
         log.info("job %s ended without a result (%s): %s", job.id, kind, detail)
+
+
+def _incomplete_end(task: Task) -> bool:
+    """An end reported without what an end carries: a success with no video, a failure with
+    no reason (a create answer's short form from a task that ended at once)."""
+    if task.status is TaskStatus.SUCCEEDED:
+        return not task.videos
+    return task.status is TaskStatus.FAILED and not task.status_message

@@ -237,6 +237,10 @@ async def _settle(
             return await lookups.find(external_task_id, offered=offered)
         except TaskNotFoundError:
             pass
+        except (AuthenticationError, AccountError):
+            # The account cannot be used (a refused key, arrears): looking again, or sending
+            # the create, would meet the same answer. The caller stops as for a create's.
+            raise
         except KlingError as exc:
             # The lookup itself failed or is unsupported here: we cannot know, so we say so.
             raise _given_up(state, exc) from exc

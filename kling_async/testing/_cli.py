@@ -24,6 +24,17 @@ from ._faults import Faults
 from ._persist import StateFileError
 
 
+def _port(text: str) -> int:
+    rule = f"{text[:20]!r} must be a whole number from 0 (any free port) to 65535"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(rule) from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(rule)
+    return value
+
+
 def build_parser(prog: str = "python -m kling_async.testing") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -31,7 +42,7 @@ def build_parser(prog: str = "python -m kling_async.testing") -> argparse.Argume
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="loopback address to bind (default: 127.0.0.1)")
-    add("--port", type=int, default=0, help="port (default: 0, any free port)")
+    add("--port", type=_port, default=0, help="port (default: 0, any free port)")
     add("--time-scale", type=float, default=1.0, help="real seconds per emulated second")
     add(
         "--seed",
@@ -81,7 +92,7 @@ def build_parser(prog: str = "python -m kling_async.testing") -> argparse.Argume
         action="store_true",
         help="serve result files over https with the shipped self-signed certificate",
     )
-    add("--files-port", type=int, default=0, help="file origin port (default: 0, any free port)")
+    add("--files-port", type=_port, default=0, help="file origin port (default: 0, any free port)")
     add(
         "--state",
         metavar="PATH",
@@ -186,5 +197,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             asyncio.run(serve(emulator, sys.stdout))
     except StateFileError as exc:  # e.g. another emulator holds the file
         sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:  # the address is in use, or not one of this machine's
+        where = f"{args.host}:{args.port} (files: port {args.files_port})"
+        sys.stderr.write(f"error: cannot listen on {where}: {exc.strerror or exc}\n")
         return 2
     return 0
