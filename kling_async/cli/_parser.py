@@ -352,6 +352,15 @@ def _unknown(parser: argparse.ArgumentParser, word: str) -> bool:
     return not all(f"-{letter}" in known for letter in word[1:]) and word[:2] not in known
 
 
+def _option_name(word: str) -> str:
+    """What of an unknown option may be shown: ``--name`` without its ``=value``, ``-x``
+    without what is stuck to it (``-aKEY``), never more (it may be a key)."""
+    if word.startswith("--"):
+        name = word.partition("=")[0]
+        return name if re.fullmatch(r"--[a-z][a-z0-9-]{0,30}", name) else "--..."
+    return word[:2]
+
+
 def parse_arguments(arguments: Sequence[str]) -> argparse.Namespace:
     """Parse a ``batch`` or ``status`` command line; a usage error exits (status 2) with the
     usage of the subcommand it was made in, and combinations that cannot work are refused
@@ -363,7 +372,7 @@ def parse_arguments(arguments: Sequence[str]) -> argparse.Namespace:
         parser.print_usage(sys.stderr)
         parser.exit(
             EXIT_USAGE,
-            f"{parser.prog}: error: unrecognized option {first.partition('=')[0]}: a "
+            f"{parser.prog}: error: unrecognized option {_option_name(first)}: a "
             "subcommand's options go after it (kling-async batch PROMPTS --out DIR ...)\n",
         )
     if arguments[:1] in (["batch"], ["status"]):
