@@ -30,11 +30,19 @@ import pytest
 
 from .cli_helpers import KEY, ROOT, SCALE, EmulatorProcess, check_no_key, emulator_process
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("tmux") is None,
-    reason="tmux is not installed (CI installs it): this test drives the live view in a real "
-    "terminal",
+_NO_TMUX = (
+    "tmux is not installed (CI installs it): this test drives the live view in a real terminal"
 )
+
+
+@pytest.fixture(autouse=True)
+def _tmux() -> None:
+    """Skipped without tmux, with the reason; in CI (``CI`` set) nothing required may be."""
+    if shutil.which("tmux") is None:
+        if os.environ.get("CI"):
+            pytest.fail(_NO_TMUX)
+        pytest.skip(_NO_TMUX)
+
 
 WIDTH, HEIGHT = 120, 30
 ROWS = 500
