@@ -162,7 +162,12 @@ def check_no_key(*texts: str) -> None:
         assert "7f3a9c1e5b2d4680" not in text, "part of the API key leaked into the output"
 
 
-def batch_command(prompts: Path, out: Path, emu: EmulatorProcess, *extra: str) -> list[str]:
+def batch_command(
+    prompts: Path, out: Path, emu: EmulatorProcess, *extra: str, progress: str | None = "plain"
+) -> list[str]:
+    """``kling-async batch`` against ``emu``; ``progress=None`` gives no ``--progress`` (which
+    ``--json`` and ``--quiet`` refuse)."""
+    shown = ["--progress", progress] if progress is not None else []
     return [
         "batch",
         str(prompts),
@@ -172,8 +177,7 @@ def batch_command(prompts: Path, out: Path, emu: EmulatorProcess, *extra: str) -
         emu.url,
         "--time-scale",
         str(SCALE),
-        "--progress",
-        "plain",
+        *shown,
         *extra,
     ]
 

@@ -25,19 +25,13 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return events
 
 
-def without_progress(command: list[str]) -> list[str]:
-    """``batch_command`` asks for ``--progress plain``; ``--json`` and ``--quiet`` refuse it."""
-    at = command.index("--progress")
-    return command[:at] + command[at + 2 :]
-
-
 def test_json_is_one_object_per_status_change_then_a_summary(
     server: EmulatorProcess, tmp_path: Path
 ) -> None:
     prompts = write_prompts(tmp_path / "p.txt", 12)
     out = tmp_path / "out"
     server.configure(failure_rate=0.3)
-    result = run_main([*without_progress(batch_command(prompts, out, server)), "--json"])
+    result = run_main([*batch_command(prompts, out, server, progress=None), "--json"])
     assert result.code == 1, result.text
     events = json_lines(result.out)
     start, *changes, summary = events
@@ -98,7 +92,7 @@ def test_json_events_carry_the_api_error_code(server: EmulatorProcess, tmp_path:
     prompts = write_prompts(tmp_path / "p.txt", 3)
     out = tmp_path / "out"
     server.configure(account_error=1102)
-    result = run_main([*without_progress(batch_command(prompts, out, server)), "--json"])
+    result = run_main([*batch_command(prompts, out, server, progress=None), "--json"])
     assert result.code == 3, result.text
     events = json_lines(result.out)
     ended = [event for event in events if event["event"] == "status" and event["status"] == "error"]
@@ -114,7 +108,7 @@ def test_json_with_quiet_leaves_stderr_to_errors_and_the_last_line(
 ) -> None:
     prompts = write_prompts(tmp_path / "p.txt", 4)
     out = tmp_path / "out"
-    command = [*without_progress(batch_command(prompts, out, server)), "--json", "--quiet"]
+    command = [*batch_command(prompts, out, server, progress=None), "--json", "--quiet"]
     result = run_main(command)
     assert result.code == 0, result.text
     events = json_lines(result.out)
@@ -129,7 +123,7 @@ def test_quiet_prints_only_the_last_line(server: EmulatorProcess, tmp_path: Path
     prompts = write_prompts(tmp_path / "p.txt", 6)
     out = tmp_path / "out"
     server.configure(failure_rate=0.5)
-    result = run_main([*without_progress(batch_command(prompts, out, server)), "--quiet"])
+    result = run_main([*batch_command(prompts, out, server, progress=None), "--quiet"])
     assert result.code == 1, result.text
     assert result.err == ""
     [last] = result.out.splitlines()
@@ -137,7 +131,7 @@ def test_quiet_prints_only_the_last_line(server: EmulatorProcess, tmp_path: Path
     assert str(out / "summary.json") in last
     # and errors, still: an account that cannot create tasks
     server.configure(failure_rate=0.0, account_error=1102)
-    again = run_main([*without_progress(batch_command(prompts, tmp_path / "o2", server)), "-q"])
+    again = run_main([*batch_command(prompts, tmp_path / "o2", server, progress=None), "-q"])
     assert again.code == 3
     assert [line for line in again.err.splitlines() if line] == [
         line for line in again.err.splitlines() if line.startswith("error: ")

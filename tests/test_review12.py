@@ -32,11 +32,6 @@ from .cli_helpers import (
 WRONG_KEY = "sk-review12-not-a-known-key"
 
 
-def _json_command(command: list[str]) -> list[str]:
-    at = command.index("--progress")
-    return [*command[:at], *command[at + 2 :], "--json"]
-
-
 # --- 1. a rerun after an account-level error never ends ------------------------------------
 
 
@@ -44,7 +39,7 @@ def _json_command(command: list[str]) -> list[str]:
 def test_a_rerun_after_a_rejected_key_stops_again(server: EmulatorProcess, tmp_path: Path) -> None:
     prompts = write_prompts(tmp_path / "p.txt", 2)
     out = tmp_path / "out"
-    command = _json_command(batch_command(prompts, out, server))
+    command = batch_command(prompts, out, server, "--json", progress=None)
     env = child_env(KLING_API_KEY=WRONG_KEY)
     first = run_cli(command, env=env)
     assert first.code == 3, first.text  # the account cannot create tasks
@@ -113,7 +108,10 @@ def test_the_emulator_says_why_it_cannot_listen(reason: str) -> None:
 
 def test_the_plan_object_has_a_time(server: EmulatorProcess, tmp_path: Path) -> None:
     prompts = write_prompts(tmp_path / "p.txt", 2)
-    command = [*_json_command(batch_command(prompts, tmp_path / "out", server)), "--dry-run"]
+    command = [
+        *batch_command(prompts, tmp_path / "out", server, "--json", progress=None),
+        "--dry-run",
+    ]
     result = run_main(command)
     assert result.code == 0, result.text
     [plan] = [json.loads(line) for line in result.out.splitlines()]
